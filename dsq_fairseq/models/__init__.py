@@ -1,0 +1,3 @@
+"""fairseq models of dsq-fairseq (importing registers them)."""
+
+from dsq_fairseq.models import dsq_transformer  # noqa: F401
