@@ -19,7 +19,7 @@ the allowed values, so ``fairseq-train`` can report it before any training step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 
@@ -44,8 +44,8 @@ def _parse_width(token: str, flag: str) -> int:
         width = int(token)
     except ValueError:
         raise DSQConfigError(
-            f"{flag}: '{token}' is not a bit width; allowed: integers {MIN_WIDTH}..{FULL_PRECISION} "
-            "or 'fp32'"
+            f"{flag}: '{token}' is not a bit width; allowed: integers "
+            f"{MIN_WIDTH}..{FULL_PRECISION} or 'fp32'"
         ) from None
     if not MIN_WIDTH <= width <= FULL_PRECISION:
         raise DSQConfigError(

@@ -65,7 +65,7 @@ class PrecisionSchedule(nn.Module):
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         for name, buf in self._buffers.items():
             if buf is not None:
-                self._buffers[name] = fn(buf).to(dtype=buf.dtype)
+                self._buffers[name] = buf.to(device=fn(buf).device)
         return self
 
     @property

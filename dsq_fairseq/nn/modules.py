@@ -153,7 +153,9 @@ class DSQMultiheadAttention(MultiheadAttention):
         return attn, weights
 
 
-def install_dsq(model: nn.Module, runtime: DSQRuntime, quantize_attention_matmul: bool = True) -> int:
+def install_dsq(
+    model: nn.Module, runtime: DSQRuntime, quantize_attention_matmul: bool = True
+) -> int:
     """Turn every ``nn.Linear`` and ``MultiheadAttention`` of ``model`` into its DSQ version.
 
     Returns the number of modules converted. Idempotent (re-installing only rebinds the runtime).
