@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import register_model, register_model_architecture
@@ -137,7 +138,7 @@ class DSQTransformerModel(TransformerModel):
         schedule = schedule_from_args(args)
         model = super().build_model(args, task)
         # one stochastic-rounding stream per rank, reproducible from --seed
-        seed = int(getattr(args, "seed", 1) or 1) + int(getattr(args, "distributed_rank", 0) or 0)
+        seed = int(getattr(args, "seed", 1) or 1) + _distributed_rank()
         model.attach_dsq(
             scheme, schedule, seed=seed,
             quantize_attention_matmul=not bool(_option(args, "dsq_skip_attention_matmul")),
@@ -161,6 +162,12 @@ class DSQTransformerModel(TransformerModel):
 
     def _set_precision(self, precision) -> None:
         self.dsq_runtime.precision = precision
+
+
+def _distributed_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
 
 
 def _dsq_defaults(args: Any) -> None:

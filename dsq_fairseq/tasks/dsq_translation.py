@@ -2,22 +2,32 @@
 
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+import torch
 from fairseq import metrics
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from dsq_fairseq.precision import DSQConfigError
 from dsq_fairseq.schedule import PrecisionSchedule
+from dsq_fairseq.tasks import rank_trace
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class DSQTranslationConfig(TranslationConfig):
-    """Same options as ``translation``; the ``--dsq-*`` options belong to the model."""
+    """``translation`` plus a per-rank trace; the ``--dsq-*`` format options are the model's."""
+
+    dsq_trace_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "if set, every rank appends each validation round (update, valid loss, level, "
+            "parameter SHA-256) to DIR/dsq_trace_rank{R}.jsonl"
+        },
+    )
 
 
 def precision_metrics(schedule: PrecisionSchedule) -> Dict[str, int]:
@@ -69,5 +79,12 @@ class DSQTranslationTask(TranslationTask):
         schedule = getattr(model, "dsq_schedule", None)
         if schedule is None or "loss" not in stats:
             return
-        schedule.observe(float(stats["loss"]), int(stats.get("num_updates", 0)))
+        num_updates = int(stats.get("num_updates", 0))
+        schedule.observe(float(stats["loss"]), num_updates)
         stats["dsq_next_level"] = schedule.level_index
+        if self.cfg.dsq_trace_dir:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            rank_trace.append_round(self.cfg.dsq_trace_dir, rank, {
+                "num_updates": num_updates, "valid_loss": float(stats["loss"]),
+                "level": schedule.level_index, "params_sha256": rank_trace.parameter_digest(model),
+            })

@@ -1,0 +1,127 @@
+"""Training throughput of ``fairseq-train``: FP32 fairseq transformer vs DSQ, in one run.
+
+Every configuration trains the same architecture dimensions on the same data with the same seed
+for ``--updates`` updates; configurations are interleaved over ``--repeats`` rounds (this machine
+is noisy) and the JSON reports each one's median tokens/s (fairseq's ``wps`` over the run) and
+its ratio to the FP32 baseline measured in the same rounds.
+
+    python benchmarks/train_speed.py [--data-bin DIR] [--updates 30] [--repeats 3] [--arch-dims demo]
+
+Without ``--data-bin`` the built-in toy corpus is generated and preprocessed into a temp dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+DIMS = {
+    # the demo architecture's dimensions (dsq_transformer_demo)
+    "demo": ["--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "128",
+             "--decoder-embed-dim", "128", "--encoder-ffn-embed-dim", "256",
+             "--decoder-ffn-embed-dim", "256", "--encoder-attention-heads", "4",
+             "--decoder-attention-heads", "4", "--share-all-embeddings"],
+    # fairseq's transformer_iwslt_de_en as it is
+    "iwslt": ["--share-all-embeddings"],
+}
+
+CONFIGS = {
+    "fp32_fairseq": ["--arch", "transformer_iwslt_de_en", "--task", "translation"],
+    "dsq_none": ["--arch", "dsq_transformer_iwslt_de_en", "--task", "dsq_translation",
+                 "--dsq-format", "none"],
+    "dsq_bfp_16_4_4_16": ["--arch", "dsq_transformer_iwslt_de_en", "--task", "dsq_translation",
+                          "--dsq-format", "bfp", "--dsq-schedule", "16,4,4,16"],
+    "dsq_bfp_2_2_2_16": ["--arch", "dsq_transformer_iwslt_de_en", "--task", "dsq_translation",
+                         "--dsq-format", "bfp", "--dsq-schedule", "2,2,2,16"],
+}
+
+
+def toy_data_bin(root: Path) -> Path:
+    from dsq_fairseq.data.toy_corpus import write_corpus
+
+    write_corpus(str(root / "raw"), 4000, 200, 200, seed=1)
+    subprocess.run(
+        [str(BIN / "fairseq-preprocess"), "--source-lang", "de", "--target-lang", "en",
+         "--trainpref", str(root / "raw/train"), "--validpref", str(root / "raw/valid"),
+         "--destdir", str(root / "bin"), "--joined-dictionary", "--workers", "1"],
+        check=True, capture_output=True,
+    )
+    return root / "bin"
+
+
+def train_once(data_bin: Path, work: Path, config: List[str], dims: List[str], updates: int
+               ) -> Dict[str, float]:
+    cmd = [
+        str(BIN / "fairseq-train"), str(data_bin), "--user-dir", str(REPO / "dsq_fairseq"),
+        *config, *dims, "--optimizer", "adam", "--lr", "5e-4", "--criterion",
+        "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--dropout", "0.3",
+        "--max-tokens", "4096", "--max-update", str(updates), "--seed", "1", "--cpu",
+        "--no-save", "--disable-validation", "--log-format", "simple",
+        "--log-interval", str(updates), "--save-dir", str(work),
+    ]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(work))
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"fairseq-train failed:\n{proc.stderr[-3000:]}")
+    log = proc.stdout + proc.stderr
+    wps = [float(x) for x in re.findall(r"\bwps[= ]([0-9.]+)", log)]
+    words = [float(x) for x in re.findall(r"\bwpb[= ]([0-9.]+)", log)]
+    return {"wps": wps[-1], "wpb": words[-1], "wall_s": wall}
+
+
+def main(argv: List[str] = None) -> Dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-bin", type=Path)
+    parser.add_argument("--updates", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--arch-dims", choices=sorted(DIMS), default="demo")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    args = parser.parse_args(argv)
+    names = args.configs.split(",")
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        data_bin = args.data_bin or toy_data_bin(Path(tmp))
+        runs: Dict[str, List[Dict[str, float]]] = {n: [] for n in names}
+        for _ in range(args.repeats):
+            for name in names:  # interleaved: each round measures every configuration
+                runs[name].append(
+                    train_once(data_bin, Path(tmp), CONFIGS[name], DIMS[args.arch_dims],
+                               args.updates)
+                )
+    base = statistics.median(r["wps"] for r in runs["fp32_fairseq"]) if "fp32_fairseq" in runs \
+        else None
+    result = {
+        "benchmark": "train_speed",
+        "updates": args.updates,
+        "repeats": args.repeats,
+        "arch_dims": args.arch_dims,
+        "threads": int(os.environ["OMP_NUM_THREADS"]),
+        "configs": {},
+    }
+    for name, rs in runs.items():
+        wps = statistics.median(r["wps"] for r in rs)
+        result["configs"][name] = {
+            "tokens_per_s_median": round(wps, 1),
+            "tokens_per_s": [round(r["wps"], 1) for r in rs],
+            "step_time_vs_fp32": round(base / wps, 3) if base else None,
+        }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
