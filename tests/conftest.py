@@ -29,8 +29,9 @@ def fairseq_cmd(name: str) -> str:
     return str(path) if path.exists() else shutil.which(name) or name
 
 
-def run(cmd: List[str], cwd: Path, check: bool = True, stdin: str = None, timeout: int = 600):
-    env = dict(os.environ)
+def run(cmd: List[str], cwd: Path, check: bool = True, stdin: str = None, timeout: int = 600,
+        env: dict = None):
+    env = {**os.environ, **(env or {})}
     env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)  # checkpoints must load weights-only
     env.setdefault("OMP_NUM_THREADS", "1")
     proc = subprocess.run(
@@ -61,3 +62,16 @@ def data_bin(tmp_path_factory) -> Path:
         cwd=root,
     )
     return root / "bin"
+
+
+@pytest.fixture(scope="session")
+def spm_data(tmp_path_factory) -> Path:
+    """The toy corpus through ``scripts/prepare_data.sh`` (sentencepiece + fairseq-preprocess):
+    ``ROOT/data-bin`` and the raw test reference ``ROOT/raw/test.en``."""
+    from dsq_fairseq.data.toy_corpus import write_corpus
+
+    root = tmp_path_factory.mktemp("spm_toy")
+    write_corpus(str(root / "corpus"), 400, 40, 40, seed=11)
+    run(["bash", str(REPO / "scripts" / "prepare_data.sh"), str(root / "corpus"), str(root),
+         "200"], cwd=root)
+    return root

@@ -27,6 +27,7 @@ from fairseq.models.transformer import (
     transformer_wmt_en_de,
 )
 
+from dsq_fairseq.cost.accounting import CostLedger
 from dsq_fairseq.nn.modules import install_dsq
 from dsq_fairseq.nn.runtime import DSQRuntime
 from dsq_fairseq.precision import (
@@ -51,7 +52,8 @@ class DSQConfig(FairseqDataclass):
         default="2,2,2,16;16,4,4,16",
         metadata={
             "help": "precision levels 'q0,q1,q2,q3;...' lowest first (widths 2..32, 32 or fp32 = "
-            "unquantized); one level = static quantization"
+            "unquantized; with --dsq-format mx each point names an MX format: mxint8, mxfp8_e4m3, "
+            "mxfp8_e5m2, mxfp6_e3m2, mxfp6_e2m3, mxfp4, fp32); one level = static quantization"
         },
     )
     dsq_patience: int = field(
@@ -113,9 +115,10 @@ def schedule_from_args(args: Any) -> PrecisionSchedule:
         raise DSQConfigError(
             f"--dsq-min-delta: {_option(args, 'dsq_min_delta')!r} is not a number"
         ) from None
-    return PrecisionSchedule(
-        parse_schedule(str(_option(args, "dsq_schedule"))), patience=patience, min_delta=min_delta
+    levels = parse_schedule(
+        str(_option(args, "dsq_schedule")), format=str(_option(args, "dsq_format"))
     )
+    return PrecisionSchedule(levels, patience=patience, min_delta=min_delta)
 
 
 @register_model("dsq_transformer")
@@ -123,7 +126,8 @@ class DSQTransformerModel(TransformerModel):
     """fairseq ``transformer`` whose GEMMs run through DSQ quantization points q0..q3.
 
     Attributes added to the fairseq model: ``dsq_schedule`` (a :class:`PrecisionSchedule`
-    submodule, checkpointed) and ``dsq_runtime`` (the :class:`DSQRuntime` shared by its GEMMs).
+    submodule, checkpointed), ``dsq_runtime`` (the :class:`DSQRuntime` shared by its GEMMs) and
+    ``dsq_cost`` (a :class:`~dsq_fairseq.cost.accounting.CostLedger` submodule, checkpointed).
     """
 
     @classmethod
@@ -156,6 +160,8 @@ class DSQTransformerModel(TransformerModel):
         self.dsq_runtime = DSQRuntime(scheme, schedule.precision, seed=seed)
         schedule._on_change = self._set_precision
         self.dsq_schedule = schedule
+        # cumulative training cost per level (filled by the dsq_translation task), checkpointed
+        self.dsq_cost = CostLedger(len(schedule.levels))
         self.dsq_gemm_modules = 0
         if scheme.enabled:
             self.dsq_gemm_modules = install_dsq(self, self.dsq_runtime, quantize_attention_matmul)

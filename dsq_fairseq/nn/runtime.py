@@ -55,7 +55,7 @@ class DSQRuntime:
     @property
     def active(self) -> bool:
         """False when nothing would be quantized: the GEMMs then take the plain torch path."""
-        return self.scheme.enabled and any(w < FULL_PRECISION for w in self.precision.as_list())
+        return self.scheme.enabled and any(b < FULL_PRECISION for b in self.precision.bits)
 
     def generator(self, device: torch.device) -> Optional[torch.Generator]:
         """The stochastic-rounding stream for ``device`` (``None`` for round-to-nearest)."""

@@ -9,7 +9,9 @@ import torch
 from fairseq import metrics
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
+from omegaconf import II
 
+from dsq_fairseq.cost.accounting import RunCostTracker
 from dsq_fairseq.precision import DSQConfigError
 from dsq_fairseq.schedule import PrecisionSchedule
 from dsq_fairseq.tasks import rank_trace
@@ -19,7 +21,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DSQTranslationConfig(TranslationConfig):
-    """``translation`` plus a per-rank trace; the ``--dsq-*`` format options are the model's."""
+    """``translation`` plus a per-rank trace; the ``--dsq-*`` format options are the model's.
+
+    ``save_dir`` / ``no_save`` are no options of their own: they mirror ``--save-dir`` /
+    ``--no-save`` (hydra interpolation) so the task knows where to write ``dsq_cost.json``.
+    """
+
+    save_dir: str = II("checkpoint.save_dir")
+    no_save: bool = II("checkpoint.no_save")
 
     dsq_trace_dir: Optional[str] = field(
         default=None,
@@ -31,15 +40,16 @@ class DSQTranslationConfig(TranslationConfig):
 
 
 def precision_metrics(schedule: PrecisionSchedule) -> Dict[str, int]:
-    """What the logs show of the level in force: index, stash width and every q point."""
-    p = schedule.precision
+    """What the logs show of the level in force: index, stash width and every q point (as bits
+    per element: an MX point logs its element bits, so every value is a number)."""
+    q0, q1, q2, q3 = schedule.precision.bits
     return {
         "dsq_level": schedule.level_index,
-        "dsq_bits": p.q1,
-        "dsq_q0": p.q0,
-        "dsq_q1": p.q1,
-        "dsq_q2": p.q2,
-        "dsq_q3": p.q3,
+        "dsq_bits": q1,
+        "dsq_q0": q0,
+        "dsq_q1": q1,
+        "dsq_q2": q2,
+        "dsq_q3": q3,
     }
 
 
@@ -51,11 +61,20 @@ class DSQTranslationTask(TranslationTask):
     validation loss (the number logged as ``valid | loss``); the model's schedule decides whether
     the level rises. Train and valid logs carry ``dsq_level`` (0-based), ``dsq_bits`` (the stash
     width q1) and ``dsq_q0..dsq_q3``.
+
+    Cost accounting (``docs/cost_model.md``): every ``train_step`` counts the DSQ GEMMs that ran
+    (forward and backward, at the precision in force) and puts their cost into the logging
+    output; :meth:`reduce_metrics` adds the all-reduced sums to the model's ``dsq_cost`` ledger
+    (checkpointed buffers) and logs the cumulative ``dsq_arith_rel`` / ``dsq_dram_rel`` (vs
+    Fixed32) and ``dsq_arith_vs_fixed16`` / ``dsq_dram_vs_fixed16``. ``<save-dir>/dsq_cost.json``
+    is rewritten after every validation round and every checkpoint save (not with
+    ``--no-save``).
     """
 
     def __init__(self, cfg: DSQTranslationConfig, src_dict, tgt_dict) -> None:
         super().__init__(cfg, src_dict, tgt_dict)
         self._schedule: Optional[PrecisionSchedule] = None
+        self._cost = RunCostTracker(cfg)
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
@@ -67,21 +86,37 @@ class DSQTranslationTask(TranslationTask):
                 "dsq_transformer_vaswani_wmt_en_de_big or dsq_transformer_demo"
             )
         self._schedule = schedule
+        self._cost.attach(model)
         return model
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        with self._cost.counting(update_num) as cost:
+            loss, sample_size, logging_output = super().train_step(
+                sample, model, criterion, optimizer, update_num, ignore_grad
+            )
+        logging_output.update(cost.logging_output())
+        return loss, sample_size, logging_output
+
+    def state_dict(self):
+        self._cost.write_json()  # fairseq saves the task state with every checkpoint
+        return super().state_dict()
 
     def reduce_metrics(self, logging_outputs, criterion) -> None:
         super().reduce_metrics(logging_outputs, criterion)
         if self._schedule is not None:
             for key, value in precision_metrics(self._schedule).items():
                 metrics.log_scalar(key, value, weight=0, round=0)
+        self._cost.reduce_metrics(logging_outputs)
 
     def post_validate(self, model, stats: Dict[str, Any], agg) -> None:
         schedule = getattr(model, "dsq_schedule", None)
         if schedule is None or "loss" not in stats:
             return
         num_updates = int(stats.get("num_updates", 0))
+        level = schedule.level_index
         schedule.observe(float(stats["loss"]), num_updates)
         stats["dsq_next_level"] = schedule.level_index
+        self._cost.record_validation(num_updates, float(stats["loss"]), level, schedule.level_index)
         if self.cfg.dsq_trace_dir:
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             rank_trace.append_round(self.cfg.dsq_trace_dir, rank, {

@@ -1,0 +1,3 @@
+"""fairseq optimizers of dsq-fairseq (importing registers ``dsq_adam``)."""
+
+from dsq_fairseq.optim import dsq_adam  # noqa: F401
