@@ -58,6 +58,22 @@ def test_two_rank_run_switches_level_on_the_same_update_with_identical_weights(d
     assert [r["level"] for r in rank0] == [0, 1, 1]
     assert "precision level 0 -> 1" in log
 
+    # The cost ledger sums the ranks: one process with --update-freq 2 sees exactly the batches
+    # both ranks saw (legacy_ddp shards batches r, r+2, ...), so its totals must be identical.
+    single_dir = tmp_path / "single"
+    run([fairseq_cmd("fairseq-train"), str(data_bin), "--user-dir", str(REPO / "dsq_fairseq"),
+         "--task", "dsq_translation", "--arch", "dsq_transformer_iwslt_de_en", *TINY_MODEL_ARGS,
+         "--dsq-format", "bfp", "--dsq-schedule", "2,2,2,16;8,4,4,16;16,4,4,16",
+         "--dsq-patience", "1", "--dsq-min-delta", "100", "--optimizer", "adam", "--lr", "1e-3",
+         "--criterion", "label_smoothed_cross_entropy", "--max-tokens", "300", "--update-freq",
+         "2", "--max-update", "6", "--seed", "1", "--cpu", "--validate-interval-updates", "2",
+         "--no-epoch-checkpoints", "--save-dir", str(single_dir)], cwd=tmp_path)
+    two_ranks = json.loads((save_dir / "dsq_cost.json").read_text())
+    one_rank = json.loads((single_dir / "dsq_cost.json").read_text())
+    for key in ("updates", "macs", "arith", "dram", "arith_fixed32", "dram_fixed32"):
+        assert two_ranks["totals"][key] == one_rank["totals"][key], key
+    assert [lv["updates"] for lv in two_ranks["levels"]] == [4.0, 2.0, 0.0]
+
     # rank 0's checkpoint resumes in a single process at the level it reached
     single = run(
         [fairseq_cmd("fairseq-train"), str(data_bin), "--user-dir", str(REPO / "dsq_fairseq"),

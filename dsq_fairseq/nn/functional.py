@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from dsq_fairseq.nn.runtime import DSQRuntime, GemmRecord
+from dsq_fairseq.precision import FULL_PRECISION, Precision
+
+UNQUANTIZED = Precision(*[FULL_PRECISION] * 4)
 
 
 def _needs_backward(*tensors: Optional[torch.Tensor]) -> bool:
@@ -145,17 +148,21 @@ class _DSQMatmulFunction(torch.autograd.Function):
 
 
 def dsq_matmul(
-    a: torch.Tensor, b: torch.Tensor, runtime: DSQRuntime, name: str = ""
+    a: torch.Tensor, b: torch.Tensor, runtime: DSQRuntime, name: str = "", quantize: bool = True
 ) -> torch.Tensor:
-    """``a [..., m, k] @ b [..., k, n]`` (same leading dims) with q0..q3 as in the docstring."""
+    """``a [..., m, k] @ b [..., k, n]`` (same leading dims) with q0..q3 as in the docstring.
+
+    ``quantize=False`` (``--dsq-skip-attention-matmul``) runs the plain matmul; observers still
+    see it, at full precision, so the cost model counts it.
+    """
     training = _needs_backward(a, b)
     if runtime.observers:
         batch = a.numel() // (a.shape[-1] * a.shape[-2])
         runtime.observe(
             GemmRecord("matmul", name, batch, a.shape[-2], a.shape[-1], b.shape[-1],
-                       runtime.precision, training)
+                       runtime.precision if quantize else UNQUANTIZED, training)
         )
-    if not runtime.active:
+    if not quantize or not runtime.active:
         return torch.matmul(a, b)
     if not training:
         return _q0_matmul(a, b, runtime)

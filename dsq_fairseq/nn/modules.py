@@ -48,9 +48,8 @@ class DSQMultiheadAttention(MultiheadAttention):
     dsq_quantize_matmul: bool
 
     def _dsq_bmm(self, a: Tensor, b: Tensor, which: str) -> Tensor:
-        if self.dsq_quantize_matmul:
-            return dsq_matmul(a, b, self.dsq_runtime, f"{self.dsq_name}.{which}")
-        return torch.bmm(a, b)
+        return dsq_matmul(a, b, self.dsq_runtime, f"{self.dsq_name}.{which}",
+                          quantize=self.dsq_quantize_matmul)
 
     def _heads(self, x: Tensor, batch: int) -> Tensor:
         """``[T, B, C] -> [B * heads, T, head_dim]``."""
