@@ -29,14 +29,8 @@ from typing import List, Optional, Union
 
 import torch
 
-from dsq_fairseq.quant import (
-    MX,
-    MX_FORMATS,
-    bfp_quantize,
-    fixed_quantize,
-    int_quantize,
-    mx_quantize,
-)
+from dsq_fairseq import quant as _reference  # bfp/fixed/int_quantize: the eager references
+from dsq_fairseq.quant import MX, MX_FORMATS, fast, mx_quantize
 
 FULL_PRECISION = 32
 MIN_WIDTH = 2
@@ -248,7 +242,11 @@ class QuantScheme:
         """Fake-quantize ``x`` to ``width`` bits (or the MX format ``width`` names), blocks/vectors
         along ``dim``; same shape/dtype.
 
-        ``width >= 32`` or format ``none`` returns ``x`` itself (no copy).
+        ``width >= 32`` or format ``none`` returns ``x`` itself (no copy). BFP/Fixed/Int run the
+        fused fast path (:mod:`dsq_fairseq.quant.fast`, bit-identical to the reference) for
+        tensors of at least :func:`~dsq_fairseq.quant.fast.min_numel` elements after a warm-up
+        (:func:`~dsq_fairseq.quant.fast.wanted`) unless ``DSQ_FAST=0``; the rest take the
+        reference (short runs of tiny models never compile).
         """
         if self.format == "none" or is_full_precision(width):
             return x
@@ -259,19 +257,20 @@ class QuantScheme:
                 f"--dsq-schedule: width {width} is not an MX format; with --dsq-format mx each "
                 f"point is one of {_mx_allowed()}"
             )
+        impl = fast if fast.wanted(x) else _reference
         if self.format == "bfp":
-            return bfp_quantize(
+            return impl.bfp_quantize(
                 x, width, exponent_bits=self.exponent_bits, block_size=self.block_size, dim=dim,
                 rounding=self.rounding, generator=generator,
             )
         if self.format == "fixed":
-            return fixed_quantize(x, width, rounding=self.rounding, generator=generator)
+            return impl.fixed_quantize(x, width, rounding=self.rounding, generator=generator)
         granularity = self.int_granularity
         if granularity == "channel" and not is_weight:
             granularity = "tensor"
         elif granularity == "token" and is_weight:
             granularity = "channel"
-        return int_quantize(
+        return impl.int_quantize(
             x, width, granularity=granularity, dim=dim, rounding=self.rounding, generator=generator
         )
 

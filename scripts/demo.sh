@@ -15,6 +15,8 @@
 #   TASK, ARCH, USER_DIR       override task / architecture / --user-dir (USER_DIR= drops it)
 #   DSQ_FORMAT=bfp  DSQ_SCHEDULE="2,2,2,16;16,4,4,16"  DSQ_PATIENCE=1   (plugin only)
 #   MAX_EPOCH                  training epochs (default below)
+#   OPTIMIZER=adam             fairseq optimizer, e.g. dsq_adam (quantized Adam moments; its
+#                              --dsq-adam-* flags go in EXTRA_TRAIN_ARGS)
 #   EXTRA_TRAIN_ARGS, EXTRA_GEN_ARGS   extra flags appended to fairseq-train / fairseq-generate
 #   GEN_TASK=$TASK             --task used for fairseq-generate
 #   BEAM=5  GEN_SUBSET=test    beam size / split to translate
@@ -124,7 +126,7 @@ mkdir -p "$CKPT_DIR"
 TRAIN_CMD=(fairseq-train "$DATA_BIN" "${USER_DIR_ARGS[@]}" --task "$TASK" --arch "$ARCH"
   --source-lang "$SRC" --target-lang "$TGT"
   "${ARCH_ARGS[@]}" "${PLUGIN_ARGS[@]}"
-  --optimizer adam --adam-betas '(0.9,0.98)' --lr 1e-3 --lr-scheduler inverse_sqrt
+  --optimizer "${OPTIMIZER:-adam}" --adam-betas '(0.9,0.98)' --lr 1e-3 --lr-scheduler inverse_sqrt
   --warmup-updates 400 --criterion label_smoothed_cross_entropy --label-smoothing 0.1
   --dropout 0.1 --max-tokens 4096 --max-epoch "$MAX_EPOCH" --cpu --seed 1
   --save-dir "$CKPT_DIR" --no-epoch-checkpoints --log-format simple --log-interval 50

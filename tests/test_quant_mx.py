@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from dsq_fairseq.precision import DSQConfigError, Precision, QuantScheme, parse_schedule
+from dsq_fairseq.precision import FORMATS, DSQConfigError, Precision, QuantScheme, parse_schedule
 from dsq_fairseq.quant import MX, MX_FORMATS, mx_decode, mx_encode, mx_quantize
 from dsq_fairseq.quant.mx import e8m0_decode, e8m0_encode
 
@@ -176,6 +176,8 @@ def test_nan_and_inf_rules():
     for fmt in ("mxfp8_e4m3", "mxfp8_e5m2"):
         q = mx_quantize(x, fmt)
         assert math.isnan(q[1].item()) and q[[0, 2, 3]].tolist() == [1.0, 2.0, 0.5]
+        codes, scales = mx_encode(x, fmt)
+        assert codes[0, 1].item() == 0x7F and scales.tolist() != [0xFF]  # S.1111.111 / S.11111.11
     # FP6/FP4/INT8 have no NaN code: the block scale is NaN, the whole block is NaN
     for fmt in ("mxfp6_e3m2", "mxfp6_e2m3", "mxfp4", "mxint8"):
         q = mx_quantize(torch.cat([x, block([1.0])]), fmt)
@@ -185,6 +187,8 @@ def test_nan_and_inf_rules():
     # E5M2 keeps inf; the others saturate the scale and the element (as BFP does)
     q = mx_quantize(block([INF, -INF, 3.0]), "mxfp8_e5m2")
     assert q[:3].tolist() == [INF, -INF, 3.0]
+    codes, _ = mx_encode(block([INF, -INF, 3.0]), "mxfp8_e5m2")
+    assert codes[0, :2].tolist() == [0x7C, 0xFC]  # S.11111.00
     q = mx_quantize(block([INF, 3.0]), "mxfp4")
     assert q[0].item() == 6.0 * 2.0**125 and q[1].item() == 0.0
 
@@ -255,7 +259,7 @@ def test_quant_scheme_mx_quantizes_by_point_name():
     assert scheme.quantize(x, 32) is x
     with pytest.raises(DSQConfigError, match="--dsq-schedule"):
         scheme.quantize(x, 8)
-    assert "mx" in __import__("dsq_fairseq.precision").precision.FORMATS
+    assert "mx" in FORMATS
 
 
 def test_dsq_gemm_runs_on_mx_operands():
@@ -274,3 +278,17 @@ def test_dsq_gemm_runs_on_mx_operands():
     y.sum().backward()
     assert x.grad is not None and w.grad is not None
     assert not DSQRuntime(scheme, Precision(32, 32, 32, 32)).active
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", MX_FORMATS)
+def test_cuda_matches_cpu(fmt):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 100, generator=g) * torch.logspace(-30, 30, 100)
+    x[0, :5] = t([NAN, INF, -INF, 0.0, 2.0**-140])
+    x[1] = 0.0
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for dim in (0, -1):
+            cpu = mx_quantize(x.to(dtype), fmt, dim=dim)
+            gpu = mx_quantize(x.to(dtype).cuda(), fmt, dim=dim)
+            torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=0, equal_nan=True)

@@ -37,7 +37,7 @@ _EQ_KV = re.compile(r"([A-Za-z_][\w]*)=(" + _NUM + r")")
 _TRAIN_LINE = re.compile(r"\|\s*train\s*\|\s*epoch\s+\d+\s*\|")  # end-of-epoch summary
 _SAVE_DIR = re.compile(r"""['"]save_dir['"]:\s*['"]([^'"]+)['"]""")
 _LEVEL_RISE = re.compile(
-    r"precision level (\d+) -> (\d+), \[([\d,]+)\] -> \[([\d,]+)\] after update (\d+)"
+    r"precision level (\d+) -> (\d+), \[([\w,]+)\] -> \[([\w,]+)\] after update (\d+)"
 )
 
 COST_KEYS = ("dsq_arith_rel", "dsq_dram_rel", "dsq_arith_vs_fixed16", "dsq_dram_vs_fixed16")

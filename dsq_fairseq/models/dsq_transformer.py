@@ -29,7 +29,7 @@ from fairseq.models.transformer import (
 
 from dsq_fairseq.cost.accounting import CostLedger
 from dsq_fairseq.nn.modules import install_dsq
-from dsq_fairseq.nn.runtime import DSQRuntime
+from dsq_fairseq.nn.runtime import STASH_PACKING, DSQRuntime, check_layernorm_stash_bits
 from dsq_fairseq.precision import (
     FORMATS,
     INT_GRANULARITIES,
@@ -84,6 +84,21 @@ class DSQConfig(FairseqDataclass):
         default=False,
         metadata={"help": "keep attention's Q K^T and P V matmuls in full precision"},
     )
+    dsq_packed_stash: ChoiceEnum(STASH_PACKING) = field(  # type: ignore[valid-type]
+        default="auto",
+        metadata={
+            "help": "keep what the GEMMs stash for backward (q1) bit-packed (w-bit codes + int8 "
+            "exponents) and dropout/ReLU masks as 1 bit: auto (when q1 < 16), on (q1 <= 16), "
+            "off (fake-quantized fp32 stash, for comparison)"
+        },
+    )
+    dsq_layernorm_stash_bits: int = field(
+        default=32,
+        metadata={
+            "help": "32: layer-norm inputs kept for backward in full precision; 2..16: kept "
+            "quantized (--dsq-format at this width, packed) - lossy, the gradients change"
+        },
+    )
 
 
 _DSQ_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DSQConfig)}
@@ -104,6 +119,16 @@ def scheme_from_args(args: Any) -> QuantScheme:
         rounding=str(_option(args, "dsq_rounding")),
         int_granularity=str(_option(args, "dsq_int_granularity")),
     )
+
+
+def stash_packing_from_args(args: Any) -> str:
+    """``--dsq-packed-stash`` of a namespace / DictConfig (validated: one of auto/on/off)."""
+    value = str(_option(args, "dsq_packed_stash"))
+    if value not in STASH_PACKING:
+        raise DSQConfigError(
+            f"--dsq-packed-stash: unknown value '{value}'; allowed: {', '.join(STASH_PACKING)}"
+        )
+    return value
 
 
 def schedule_from_args(args: Any) -> PrecisionSchedule:
@@ -140,12 +165,16 @@ class DSQTransformerModel(TransformerModel):
         # Validate every --dsq-* option before fairseq builds (or trains) anything.
         scheme = scheme_from_args(args)
         schedule = schedule_from_args(args)
+        stash_packing = stash_packing_from_args(args)
+        layernorm_bits = _option(args, "dsq_layernorm_stash_bits")
+        check_layernorm_stash_bits(layernorm_bits, scheme)
         model = super().build_model(args, task)
         # one stochastic-rounding stream per rank, reproducible from --seed
         seed = int(getattr(args, "seed", 1) or 1) + _distributed_rank()
         model.attach_dsq(
             scheme, schedule, seed=seed,
             quantize_attention_matmul=not bool(_option(args, "dsq_skip_attention_matmul")),
+            stash_packing=stash_packing, layernorm_stash_bits=layernorm_bits,
         )
         return model
 
@@ -155,9 +184,16 @@ class DSQTransformerModel(TransformerModel):
         schedule: PrecisionSchedule,
         seed: int = 1,
         quantize_attention_matmul: bool = True,
+        stash_packing: str = "auto",
+        layernorm_stash_bits: int = 32,
     ) -> None:
-        """Install the schedule and (unless format ``none``) the DSQ GEMMs."""
-        self.dsq_runtime = DSQRuntime(scheme, schedule.precision, seed=seed)
+        """Install the schedule and (unless format ``none``) the DSQ GEMMs, dropouts, ReLUs and
+        layer norms (``--dsq-packed-stash``, ``--dsq-layernorm-stash-bits``: see
+        :class:`~dsq_fairseq.nn.runtime.DSQRuntime`)."""
+        self.dsq_runtime = DSQRuntime(
+            scheme, schedule.precision, seed=seed, stash_packing=stash_packing,
+            layernorm_stash_bits=layernorm_stash_bits,
+        )
         schedule._on_change = self._set_precision
         self.dsq_schedule = schedule
         # cumulative training cost per level (filled by the dsq_translation task), checkpointed

@@ -19,17 +19,28 @@ Blocks always follow the reduction dimension of the GEMM that consumes the tenso
 output is blocked like the forward operand it is the gradient of. Weights enter as the
 full-precision master copy: quantized values never leak into parameters or their gradients'
 storage. Under ``torch.no_grad`` (inference) only Q0 runs and nothing is stashed.
+
+Packed stash (``runtime.packs_stash(q1)``, ``--dsq-packed-stash``): each stash is kept as
+:class:`~dsq_fairseq.quant.packing.PackedTensor` codes + exponents/scales (saved with
+``save_for_backward``, so freed after backward like any saved tensor) and unpacked in backward,
+bit-identical to the fake-quantized fp32 stash. A stash that can't be packed (NaN/inf, MX,
+non-fp32) stays fp32. With round-to-nearest, the linears that read the same input tensor object
+(q/k/v projections of self-attention, k/v of cross-attention) share one packed ``Q1(x)``, and a
+linear keeps no copy of its weight at all: it saves the master weight (held anyway) and
+recomputes ``Q1(W)`` in backward (:class:`Requantize`; deterministic, so bit-identical).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from dsq_fairseq.nn import weight_cache
 from dsq_fairseq.nn.runtime import DSQRuntime, GemmRecord
-from dsq_fairseq.precision import FULL_PRECISION, Precision
+from dsq_fairseq.precision import FULL_PRECISION, Point, Precision
+from dsq_fairseq.quant.packing import PackedTensor, pack
 
 UNQUANTIZED = Precision(*[FULL_PRECISION] * 4)
 
@@ -39,11 +50,15 @@ def _needs_backward(*tensors: Optional[torch.Tensor]) -> bool:
 
 
 def _q0_linear(x, weight, bias, runtime: DSQRuntime) -> torch.Tensor:
-    """The forward GEMM of a linear: ``Q0(x) @ Q0(W)^T + b``, both blocked along K."""
+    """The forward GEMM of a linear: ``Q0(x) @ Q0(W)^T + b``, both blocked along K.
+
+    ``Q0(W)`` comes from :mod:`~dsq_fairseq.nn.weight_cache`: computed once per update (per
+    validation round), not once per micro-batch, while the weight is unchanged.
+    """
     p, scheme, gen = runtime.precision, runtime.scheme, runtime.generator(x.device)
     return F.linear(
         scheme.quantize(x, p.q0, dim=-1, generator=gen),
-        scheme.quantize(weight, p.q0, dim=-1, is_weight=True, generator=gen),
+        weight_cache.quantize_weight(runtime, weight, p.q0, -1, gen),
         bias,
     )
 
@@ -57,16 +72,101 @@ def _q0_matmul(a, b, runtime: DSQRuntime) -> torch.Tensor:
     )
 
 
+Stash = Tuple[Tuple[torch.Tensor, ...], Optional[tuple]]
+"""A q1 stash: ``((q,), None)`` (fp32) or ``(packed.tensors(), packed.meta())``."""
+
+
+def _stash(
+    x: torch.Tensor,
+    width: Point,
+    dim: int,
+    runtime: DSQRuntime,
+    generator: Optional[torch.Generator],
+    is_weight: bool = False,
+    share_with: Optional[torch.Tensor] = None,
+    packed: Optional[bool] = None,
+) -> Stash:
+    """``Q1(x)`` blocked along ``dim``, packed when ``packed`` (default: when the runtime says
+    so, ``runtime.packs_stash(width)``).
+
+    ``share_with``: the tensor object ``x`` is a view of; another stash of that same object
+    (same version, width, blocking) reuses this one's packed tensors (round-to-nearest only:
+    stochastic rounding draws fresh numbers for every quantization, and so must stay).
+    """
+    scheme = runtime.scheme
+    if not (runtime.packs_stash(width) if packed is None else packed):
+        return (scheme.quantize(x, width, dim=dim, is_weight=is_weight, generator=generator),), None
+    key = None
+    if share_with is not None and scheme.rounding == "nearest":
+        key = (width, dim, is_weight, tuple(x.shape), scheme)
+        hit = runtime.stash_lookup(share_with, key)
+        if hit is not None:
+            return hit
+    q = scheme.quantize(x, width, dim=dim, is_weight=is_weight, generator=generator)
+    granularity = scheme.int_granularity  # as QuantScheme.quantize maps it
+    if granularity == "channel" and not is_weight:
+        granularity = "tensor"
+    elif granularity == "token" and is_weight:
+        granularity = "channel"
+    packed = pack(q, scheme.format, width, dim=dim, block_size=scheme.block_size,
+                  exponent_bits=scheme.exponent_bits, x=x, int_granularity=granularity)
+    if packed is None:
+        return (q,), None
+    stash = packed.tensors(), packed.meta()
+    if key is not None:
+        runtime.stash_store(share_with, key, *stash)
+    return stash
+
+
+class Requantize(NamedTuple):
+    """Stash meta of a weight kept as the master weight itself: ``Q1(W)`` is recomputed in
+    backward (``scheme.quantize(W, width, dim, is_weight=True)``), bit-identical because
+    round-to-nearest is deterministic and autograd's version check forbids changing ``W`` in
+    between. No extra bytes: the parameter is held anyway."""
+
+    width: Point
+    dim: int
+
+
+def _weight_stash(weight: torch.Tensor, width: Point, runtime: DSQRuntime,
+                  generator: Optional[torch.Generator]) -> Stash:
+    """``Q1(W)`` blocked along N: with packing and round-to-nearest, the master weight itself
+    (:class:`Requantize`); else as :func:`_stash` (stochastic rounding: packed)."""
+    if runtime.packs_stash(width) and runtime.scheme.rounding == "nearest":
+        return (weight,), Requantize(width, 0)
+    return _stash(weight, width, 0, runtime, generator, is_weight=True)
+
+
+def _save_stashes(ctx, *stashes: Stash) -> None:
+    ctx.save_for_backward(*(t for tensors, _ in stashes for t in tensors))
+    ctx.stash_layout = tuple((len(tensors), meta) for tensors, meta in stashes)
+
+
+def _load_stashes(ctx) -> Tuple[torch.Tensor, ...]:
+    saved, out, i = ctx.saved_tensors, [], 0
+    for n, meta in ctx.stash_layout:
+        tensors, i = saved[i:i + n], i + n
+        if meta is None:
+            out.append(tensors[0])
+        elif isinstance(meta, Requantize):
+            out.append(ctx.runtime.scheme.quantize(tensors[0], meta.width, dim=meta.dim,
+                                                   is_weight=True))
+        else:
+            out.append(PackedTensor(*tensors, *meta).unpack())
+    return tuple(out)
+
+
 class _DSQLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, runtime: DSQRuntime):  # type: ignore[override]
-        p, scheme = runtime.precision, runtime.scheme
+        p = runtime.precision
         gen = runtime.generator(x.device)
         y = _q0_linear(x, weight, bias, runtime)
         x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(
-            scheme.quantize(x2, p.q1, dim=0, generator=gen),
-            scheme.quantize(weight, p.q1, dim=0, is_weight=True, generator=gen),
+        _save_stashes(
+            ctx,
+            _stash(x2, p.q1, 0, runtime, gen, share_with=x),
+            _weight_stash(weight, p.q1, runtime, gen),
         )
         ctx.runtime, ctx.precision, ctx.has_bias = runtime, p, bias is not None
         ctx.x_shape = x.shape
@@ -74,7 +174,7 @@ class _DSQLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        x_stash, w_stash = ctx.saved_tensors
+        x_stash, w_stash = _load_stashes(ctx)
         runtime, p = ctx.runtime, ctx.precision
         scheme, gen = runtime.scheme, runtime.generator(grad_y.device)
         g = grad_y.reshape(-1, grad_y.shape[-1])
@@ -116,19 +216,18 @@ def dsq_linear(
 class _DSQMatmulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, runtime: DSQRuntime):  # type: ignore[override]
-        p, scheme = runtime.precision, runtime.scheme
+        p = runtime.precision
         gen = runtime.generator(a.device)
         c = _q0_matmul(a, b, runtime)
-        ctx.save_for_backward(
-            scheme.quantize(a, p.q1, dim=-2, generator=gen),
-            scheme.quantize(b, p.q1, dim=-1, generator=gen),
+        _save_stashes(
+            ctx, _stash(a, p.q1, -2, runtime, gen), _stash(b, p.q1, -1, runtime, gen)
         )
         ctx.runtime, ctx.precision = runtime, p
         return c
 
     @staticmethod
     def backward(ctx, grad_c):  # type: ignore[override]
-        a_stash, b_stash = ctx.saved_tensors
+        a_stash, b_stash = _load_stashes(ctx)
         runtime, p = ctx.runtime, ctx.precision
         scheme, gen = runtime.scheme, runtime.generator(grad_c.device)
         grad_a = grad_b = None

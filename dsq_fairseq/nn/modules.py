@@ -12,11 +12,15 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from fairseq import utils
+from fairseq.modules.fairseq_dropout import FairseqDropout
 from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor
 
 from dsq_fairseq.nn.functional import dsq_linear, dsq_matmul
+from dsq_fairseq.nn.layernorm import DSQLayerNorm
+from dsq_fairseq.nn.masks import dsq_dropout, dsq_relu
 from dsq_fairseq.nn.runtime import DSQRuntime
 
 
@@ -28,6 +32,31 @@ class DSQLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return dsq_linear(x, self.weight, self.bias, self.dsq_runtime, self.dsq_name)
+
+
+class DSQDropout(FairseqDropout):
+    """``FairseqDropout`` that keeps a 1-bit mask for backward while ``dsq_runtime.packs_masks``
+    (:func:`~dsq_fairseq.nn.masks.dsq_dropout`: same values, same RNG use, same gradients)."""
+
+    dsq_runtime: DSQRuntime
+
+    def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
+        if self.p > 0 and (self.training or self.apply_during_inference):
+            if self.dsq_runtime.packs_masks:
+                return dsq_dropout(x, self.p, inplace=inplace)
+            return F.dropout(x, p=self.p, training=True, inplace=inplace)
+        return x
+
+
+class DSQReLU:
+    """A layer's ``activation_fn`` (``F.relu``) that keeps a 1-bit mask while
+    ``runtime.packs_masks`` (:func:`~dsq_fairseq.nn.masks.dsq_relu`)."""
+
+    def __init__(self, runtime: DSQRuntime) -> None:
+        self.runtime = runtime
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return dsq_relu(x) if self.runtime.packs_masks else F.relu(x)
 
 
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
@@ -157,9 +186,23 @@ def install_dsq(
 ) -> int:
     """Turn every ``nn.Linear`` and ``MultiheadAttention`` of ``model`` into its DSQ version.
 
+    Also swaps every ``FairseqDropout`` for :class:`DSQDropout`, every ``activation_fn`` that
+    is ``F.relu`` for :class:`DSQReLU` (1-bit masks) and every ``nn.LayerNorm`` for
+    :class:`~dsq_fairseq.nn.layernorm.DSQLayerNorm` (``--dsq-layernorm-stash-bits``); these are
+    not counted.
     Returns the number of modules converted. Idempotent (re-installing only rebinds the runtime).
     """
     converted = 0
+    for module in model.modules():
+        if isinstance(module, FairseqDropout):
+            module.__class__ = DSQDropout
+            module.dsq_runtime = runtime
+        elif isinstance(module, nn.LayerNorm):
+            module.__class__ = DSQLayerNorm
+            module.dsq_runtime = runtime
+        activation = getattr(module, "activation_fn", None)
+        if activation is F.relu or isinstance(activation, DSQReLU):
+            module.activation_fn = DSQReLU(runtime)
     for name, module in model.named_modules():
         if isinstance(module, MultiheadAttention):
             if module.use_xformers:

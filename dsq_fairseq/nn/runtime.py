@@ -7,12 +7,33 @@ hold into the runtime whenever it changes or is loaded from a checkpoint.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from dsq_fairseq.precision import FULL_PRECISION, Precision, QuantScheme
+from dsq_fairseq.precision import FULL_PRECISION, DSQConfigError, Point, Precision, QuantScheme
+
+STASH_PACKING = ("auto", "on", "off")
+"""``--dsq-packed-stash``: ``auto`` packs the q1 stash when q1 < 16 bits, ``on`` whenever q1 is
+packable (2..16 bits), ``off`` keeps the fake-quantized fp32 stash."""
+
+
+def check_layernorm_stash_bits(bits: int, scheme: QuantScheme) -> None:
+    """``--dsq-layernorm-stash-bits``: 32 (layer-norm inputs kept in full precision) or a width
+    2..16 of the scheme's format (``bfp``, ``fixed`` or ``int``); else :class:`DSQConfigError`."""
+    if bits == FULL_PRECISION:
+        return
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise DSQConfigError(
+            f"--dsq-layernorm-stash-bits: {bits!r} is not 32 (full precision) or a width 2..16"
+        )
+    if scheme.format not in ("bfp", "fixed", "int"):
+        raise DSQConfigError(
+            f"--dsq-layernorm-stash-bits {bits} needs --dsq-format bfp, fixed or int "
+            f"(got {scheme.format})"
+        )
 
 
 @dataclass(frozen=True)
@@ -42,15 +63,73 @@ class DSQRuntime:
 
     ``precision`` is set by the schedule (never by the GEMMs). ``seed`` seeds one
     ``torch.Generator`` per device for stochastic rounding, so a run is reproducible from the seed;
-    distributed ranks pass ``seed + rank``.
+    distributed ranks pass ``seed + rank``. ``stash_packing`` (:data:`STASH_PACKING`) says whether
+    the GEMMs keep their q1 stash packed (:mod:`dsq_fairseq.quant.packing`);
+    ``layernorm_stash_bits`` < 32 stashes layer-norm inputs quantized at that width (lossy).
     """
 
-    def __init__(self, scheme: QuantScheme, precision: Precision, seed: int = 1) -> None:
+    def __init__(
+        self,
+        scheme: QuantScheme,
+        precision: Precision,
+        seed: int = 1,
+        stash_packing: str = "auto",
+        layernorm_stash_bits: int = FULL_PRECISION,
+    ) -> None:
+        if stash_packing not in STASH_PACKING:
+            raise DSQConfigError(
+                f"--dsq-packed-stash: unknown value '{stash_packing}'; allowed: "
+                f"{', '.join(STASH_PACKING)}"
+            )
+        check_layernorm_stash_bits(layernorm_stash_bits, scheme)
         self.scheme = scheme
         self.precision = precision
         self.seed = seed
+        self.stash_packing = stash_packing
+        self.layernorm_stash_bits = layernorm_stash_bits
         self._generators: Dict[Tuple[str, Optional[int]], torch.Generator] = {}
         self.observers: List[GemmObserver] = []
+        self._stash_cache: Dict[Tuple[int, Any], tuple] = {}
+
+    def packs_stash(self, width: Point) -> bool:
+        """Whether a q1 stash at ``width`` is kept packed (MX and fp32 points never are)."""
+        if self.stash_packing == "off" or isinstance(width, str) or width >= FULL_PRECISION:
+            return False
+        return width <= 16 if self.stash_packing == "on" else width < 16
+
+    @property
+    def packs_masks(self) -> bool:
+        """Whether the DSQ model's dropouts and ReLUs keep 1-bit masks (lossless; all but
+        ``off``)."""
+        return self.stash_packing != "off"
+
+    def stash_lookup(self, tensor: torch.Tensor, key: Any) -> Optional[tuple]:
+        """The packed stash stored for this very tensor object (same version, same ``key``)
+        while it and the stash are still alive, else ``None``. Holds no strong reference."""
+        entry = self._stash_cache.get((id(tensor), key))
+        if entry is None:
+            return None
+        ref, version, refs, meta = entry
+        if ref() is not tensor or tensor._version != version:
+            return None
+        tensors = tuple(r() for r in refs)
+        return None if any(t is None for t in tensors) else (tensors, meta)
+
+    def stash_store(self, tensor: torch.Tensor, key: Any, tensors: tuple, meta: Any) -> None:
+        """Remember the packed stash of ``tensor`` under ``key`` (weak references only; entries
+        whose tensor or stash died are dropped here, so the cache stays as small as the graph)."""
+        self._stash_cache = {
+            k: e for k, e in self._stash_cache.items()
+            if e[0]() is not None and all(r() is not None for r in e[2])
+        }
+        self._stash_cache[(id(tensor), key)] = (
+            weakref.ref(tensor), tensor._version, tuple(weakref.ref(t) for t in tensors), meta
+        )
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_stash_cache"] = {}  # weak references don't pickle
+        return state
 
     @property
     def active(self) -> bool:

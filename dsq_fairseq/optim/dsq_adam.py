@@ -24,6 +24,7 @@ A checkpoint written with one layout resumes under another (e.g. other ``--dsq-a
 the codes are decoded with the stored ``qbits`` / ``qblock`` and re-encoded with the new ones.
 """
 
+import ast
 import logging
 import math
 from collections.abc import Collection
@@ -92,13 +93,14 @@ class FairseqDSQAdam(FairseqOptimizer):
     @property
     def optimizer_config(self):
         """Overrides for the param groups, also applied to a loaded checkpoint (as ``adam``)."""
+        betas = self.cfg.adam_betas
+        if isinstance(betas, str):  # '(0.9,0.98)' from the command line
+            betas = ast.literal_eval(betas)
+        elif OmegaConf.is_config(betas):
+            betas = OmegaConf.to_container(betas)
         return {
             "lr": self.cfg.lr[0] if isinstance(self.cfg.lr, Collection) else self.cfg.lr,
-            "betas": eval(self.cfg.adam_betas)
-            if isinstance(self.cfg.adam_betas, str)
-            else OmegaConf.to_container(self.cfg.adam_betas)
-            if OmegaConf.is_config(self.cfg.adam_betas)
-            else tuple(self.cfg.adam_betas),
+            "betas": tuple(betas),
             "eps": self.cfg.adam_eps,
             "weight_decay": self.cfg.weight_decay,
         }

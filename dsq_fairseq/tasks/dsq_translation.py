@@ -12,6 +12,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
 from dsq_fairseq.cost.accounting import RunCostTracker
+from dsq_fairseq.nn import weight_cache
 from dsq_fairseq.precision import DSQConfigError
 from dsq_fairseq.schedule import PrecisionSchedule
 from dsq_fairseq.tasks import rank_trace
@@ -90,12 +91,27 @@ class DSQTranslationTask(TranslationTask):
         return model
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        self._begin_weight_state(model, ("train", update_num))
+        self._last_update = update_num
         with self._cost.counting(update_num) as cost:
             loss, sample_size, logging_output = super().train_step(
                 sample, model, criterion, optimizer, update_num, ignore_grad
             )
         logging_output.update(cost.logging_output())
         return loss, sample_size, logging_output
+
+    def valid_step(self, sample, model, criterion):
+        self._begin_weight_state(model, ("valid", getattr(self, "_last_update", None)))
+        return super().valid_step(sample, model, criterion)
+
+    @staticmethod
+    def _begin_weight_state(model, update_token) -> None:
+        """Tell the q0 weight cache (:mod:`dsq_fairseq.nn.weight_cache`) which weight state the
+        next forwards see: one token per update for training (all micro-batches of an update share
+        the weights), one per validation round (after the last update)."""
+        runtime = getattr(model, "dsq_runtime", None)
+        if runtime is not None:
+            weight_cache.begin(runtime, update_token)
 
     def state_dict(self):
         self._cost.write_json()  # fairseq saves the task state with every checkpoint
