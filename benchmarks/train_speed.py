@@ -117,7 +117,7 @@ def main(argv: List[str] = None) -> Dict:
     names = args.configs.split(",")
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     with tempfile.TemporaryDirectory() as tmp:
-        data_bin = args.data_bin or toy_data_bin(Path(tmp))
+        data_bin = args.data_bin.resolve() if args.data_bin else toy_data_bin(Path(tmp))
         runs: Dict[str, List[Dict[str, float]]] = {n: [] for n in names}
         for name in names if args.warmup_updates > 0 else ():
             train_once(data_bin, Path(tmp), CONFIGS[name], DIMS[args.arch_dims],

@@ -13,8 +13,11 @@
 #   USE_PLUGIN=1               0: plain fairseq baseline (task translation, small
 #                              transformer_iwslt_de_en, no --dsq-* flags)
 #   TASK, ARCH, USER_DIR       override task / architecture / --user-dir (USER_DIR= drops it)
-#   DSQ_FORMAT=bfp  DSQ_SCHEDULE="2,2,2,16;16,4,4,16"  DSQ_PATIENCE=1   (plugin only)
-#   MAX_EPOCH                  training epochs (default below)
+#   DSQ_FORMAT=bfp  DSQ_SCHEDULE="4,4,4,16;8,4,4,16;16,4,4,16"  DSQ_PATIENCE=1
+#   DSQ_MIN_DELTA=0.05         (plugin only; the level rises when a validation round improves
+#                              the loss by <= 0.05)
+#   VALIDATE_EVERY=30          validation (= schedule round) every N updates, and at epoch ends
+#   MAX_EPOCH=4  WARMUP=100    training epochs / inverse-sqrt warm-up updates
 #   OPTIMIZER=adam             fairseq optimizer, e.g. dsq_adam (quantized Adam moments; its
 #                              --dsq-adam-* flags go in EXTRA_TRAIN_ARGS)
 #   EXTRA_TRAIN_ARGS, EXTRA_GEN_ARGS   extra flags appended to fairseq-train / fairseq-generate
@@ -72,10 +75,11 @@ if [ "$USE_PLUGIN" != 0 ]; then
   TASK="${TASK:-dsq_translation}"
   ARCH="${ARCH:-dsq_transformer_demo}"
   DSQ_FORMAT="${DSQ_FORMAT:-bfp}"
-  DSQ_SCHEDULE="${DSQ_SCHEDULE:-2,2,2,16;16,4,4,16}"
+  DSQ_SCHEDULE="${DSQ_SCHEDULE:-4,4,4,16;8,4,4,16;16,4,4,16}"
   DSQ_PATIENCE="${DSQ_PATIENCE:-1}"
+  DSQ_MIN_DELTA="${DSQ_MIN_DELTA:-0.05}"
   PLUGIN_ARGS=(--dsq-format "$DSQ_FORMAT" --dsq-schedule "$DSQ_SCHEDULE"
-               --dsq-patience "$DSQ_PATIENCE")
+               --dsq-patience "$DSQ_PATIENCE" --dsq-min-delta "$DSQ_MIN_DELTA")
   [ -n "$USER_DIR" ] || die "USE_PLUGIN=1 needs USER_DIR (default: $ROOT/dsq_fairseq)"
 else
   TASK="${TASK:-translation}"
@@ -90,7 +94,9 @@ fi
 GEN_TASK="${GEN_TASK:-$TASK}"
 USER_DIR_ARGS=()
 [ -z "$USER_DIR" ] || USER_DIR_ARGS=(--user-dir "$USER_DIR")
-MAX_EPOCH="${MAX_EPOCH:-8}"
+MAX_EPOCH="${MAX_EPOCH:-4}"
+WARMUP="${WARMUP:-100}"
+VALIDATE_EVERY="${VALIDATE_EVERY:-30}"
 BEAM="${BEAM:-5}"
 GEN_SUBSET="${GEN_SUBSET:-test}"
 read -r -a EXTRA_TRAIN <<< "${EXTRA_TRAIN_ARGS:-}"
@@ -127,7 +133,7 @@ TRAIN_CMD=(fairseq-train "$DATA_BIN" "${USER_DIR_ARGS[@]}" --task "$TASK" --arch
   --source-lang "$SRC" --target-lang "$TGT"
   "${ARCH_ARGS[@]}" "${PLUGIN_ARGS[@]}"
   --optimizer "${OPTIMIZER:-adam}" --adam-betas '(0.9,0.98)' --lr 1e-3 --lr-scheduler inverse_sqrt
-  --warmup-updates 400 --criterion label_smoothed_cross_entropy --label-smoothing 0.1
+  --warmup-updates "$WARMUP" --validate-interval-updates "$VALIDATE_EVERY" --criterion label_smoothed_cross_entropy --label-smoothing 0.1
   --dropout 0.1 --max-tokens 4096 --max-epoch "$MAX_EPOCH" --cpu --seed 1
   --save-dir "$CKPT_DIR" --no-epoch-checkpoints --log-format simple --log-interval 50
   "${EXTRA_TRAIN[@]}")
@@ -158,6 +164,8 @@ python -m dsq_fairseq.data.score "$GEN_OUT" ${REF:+"$REF"} --json "$SCORE_JSON"
 stage "cost report"
 if python -c "import importlib.util as u, sys; sys.exit(u.find_spec('dsq_fairseq.cost.report') is None)" 2>/dev/null; then
   python -m dsq_fairseq.cost.report "$CKPT_DIR"
+  # the summary tables of the Markdown report (plots and per-round table stay in the file)
+  [ ! -s "$CKPT_DIR/report.md" ] || sed -n '/^## Summary/,/^## Plots/p' "$CKPT_DIR/report.md" | sed '$d'
 else
   echo "note: dsq_fairseq.cost.report not available, skipping the cost report"
 fi
