@@ -183,3 +183,25 @@ def test_observer_sees_every_gemm_with_its_shape():
         ("linear", "fc", 1, 15, 12, 7, True),
         ("matmul", "qk", 6, 5, 8, 9, True),
     ]
+
+
+@pytest.mark.parametrize("level", [(16, 4, 4, 16), (8, 3, 3, 8), (2, 2, 2, 16)])
+def test_equal_q1_q2_skips_requantizing_the_stash_bit_identically(level):
+    """With q2 == q1 (BFP, nearest) backward skips ``Q2(stash)``: BFP is idempotent, so the
+    gradients must equal the DESIGN.md formulas *bit for bit*, Q2 applied explicitly."""
+    q0, q1, q2, q3 = level
+    x, w, b, g = linear_inputs(seed=3)
+    x.data[0, 0, :4] = torch.tensor([float("inf"), 1e-39, -0.0, 3.0])  # saturation, subnormal
+    _, (gx, gw, _) = grads(
+        lambda: _DSQLinearFunction.apply(x, w, b, runtime(*level)), x, w, b, g=g
+    )
+    x2, g2, wd = x.detach().reshape(-1, 12), g.reshape(-1, 7), w.detach()
+    w_stash = bfp(wd, q1, 0)
+    assert torch.equal(gx, bfp(bfp(g2, q2, -1) @ bfp(w_stash, q2, 0), q3, -1).view(3, 5, 12))
+    assert torch.equal(gw, bfp(g2, q3, 0).t() @ bfp(x2, q1, 0))
+
+    a, bm, gm = matmul_inputs()
+    _, (ga, gb) = grads(lambda: _DSQMatmulFunction.apply(a, bm, runtime(*level)), a, bm, g=gm)
+    a_stash, b_stash = bfp(a.detach(), q1, -2), bfp(bm.detach(), q1, -1)
+    assert torch.equal(ga, bfp(bfp(gm, q2, -1) @ bfp(b_stash, q2, -1).transpose(-1, -2), q3, -1))
+    assert torch.equal(gb, bfp(bfp(a_stash, q2, -2).transpose(-1, -2) @ bfp(gm, q2, -2), q3, -2))

@@ -137,6 +137,22 @@ def _weight_stash(weight: torch.Tensor, width: Point, runtime: DSQRuntime,
     return _stash(weight, width, 0, runtime, generator, is_weight=True)
 
 
+def _stash_q2(stash: torch.Tensor, p: Precision, dim: int, runtime: DSQRuntime,
+              generator: Optional[torch.Generator], is_weight: bool = False) -> torch.Tensor:
+    """``Q2(stash)`` of a q1 stash that was blocked along the same ``dim``.
+
+    BFP and Fixed with round-to-nearest are idempotent (DESIGN.md §1: a quantized block keeps
+    its shared exponent, every element is already on its grid), so with ``q2 == q1`` the stash
+    *is* ``Q2(stash)`` bit for bit and the pass is skipped. Int (the scale is recomputed from a
+    rounded maximum), MX, stochastic rounding (it would consume random numbers) and
+    ``q2 != q1`` quantize as usual.
+    """
+    scheme = runtime.scheme
+    if p.q2 == p.q1 and scheme.rounding == "nearest" and scheme.format in ("bfp", "fixed"):
+        return stash
+    return scheme.quantize(stash, p.q2, dim=dim, is_weight=is_weight, generator=generator)
+
+
 def _save_stashes(ctx, *stashes: Stash) -> None:
     ctx.save_for_backward(*(t for tensors, _ in stashes for t in tensors))
     ctx.stash_layout = tuple((len(tensors), meta) for tensors, meta in stashes)
@@ -181,7 +197,7 @@ class _DSQLinearFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             dx = scheme.quantize(g, p.q2, dim=-1, generator=gen).mm(
-                scheme.quantize(w_stash, p.q2, dim=0, is_weight=True, generator=gen)
+                _stash_q2(w_stash, p, 0, runtime, gen, is_weight=True)
             )
             grad_x = scheme.quantize(dx, p.q3, dim=-1, generator=gen).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
@@ -234,12 +250,12 @@ class _DSQMatmulFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             da = torch.matmul(
                 scheme.quantize(grad_c, p.q2, dim=-1, generator=gen),
-                scheme.quantize(b_stash, p.q2, dim=-1, generator=gen).transpose(-1, -2),
+                _stash_q2(b_stash, p, -1, runtime, gen).transpose(-1, -2),
             )
             grad_a = scheme.quantize(da, p.q3, dim=-1, generator=gen)
         if ctx.needs_input_grad[1]:
             db = torch.matmul(
-                scheme.quantize(a_stash, p.q2, dim=-2, generator=gen).transpose(-1, -2),
+                _stash_q2(a_stash, p, -2, runtime, gen).transpose(-1, -2),
                 scheme.quantize(grad_c, p.q2, dim=-2, generator=gen),
             )
             grad_b = scheme.quantize(db, p.q3, dim=-2, generator=gen)
