@@ -142,3 +142,17 @@ def test_hydra_train_with_yaml_config(data_bin, tmp_path):
     assert "dsq_q0=8" in log and "dsq_bits=4" in log
     state = torch.load(tmp_path / "ck" / "checkpoint_last.pt", weights_only=True)
     assert "dsq_schedule.level" in state["model"]
+
+
+def test_eval_bleu_checkpoint_resumes_weights_only(data_bin, tmp_path):
+    """``--eval-bleu`` puts numpy scalars into the checkpoint (best BLEU); the plugin's
+    allow-list must let the resume load it under torch's weights-only default."""
+    save_dir = tmp_path / "ck"
+    eval_bleu = ["--eval-bleu", "--eval-bleu-args", '{"beam": 1, "max_len_b": 8}',
+                 "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric"]
+    first = run(train_cmd(data_bin, save_dir, 2, *eval_bleu), cwd=tmp_path)
+    assert re.search(r"valid \|.*\| bleu [\d.]+", first.stdout + first.stderr)
+    resumed = run(train_cmd(data_bin, save_dir, 4, *eval_bleu), cwd=tmp_path)
+    log = resumed.stdout + resumed.stderr
+    assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 2 updates\)", log)
+    assert "num_updates 4" in log
