@@ -156,3 +156,23 @@ def test_eval_bleu_checkpoint_resumes_weights_only(data_bin, tmp_path):
     log = resumed.stdout + resumed.stderr
     assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 2 updates\)", log)
     assert "num_updates 4" in log
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.dsq_schedule='8,4,4'", "model.dsq_schedule"),
+    ("model.dsq_patience=0", "model.dsq_patience"),
+    ("+model.dsq_packed_stash=bogus", "model.dsq_packed_stash"),
+])
+def test_hydra_bad_input_is_one_line_naming_the_yaml_key(data_bin, tmp_path, override, key):
+    proc = run(
+        [fairseq_cmd("fairseq-hydra-train"), "--config-dir", str(REPO / "configs" / "demo"),
+         "--config-name", "dsq_demo", f"task.data={data_bin}", f"common.user_dir={USER_DIR}",
+         "optimization.max_update=1", f"checkpoint.save_dir={tmp_path / 'ck'}", override,
+         f"hydra.run.dir={tmp_path / 'hydra'}"],
+        cwd=tmp_path, check=False,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dsq-fairseq: error:")]
+    assert len(errors) == 1 and key in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "ck" / "checkpoint_last.pt").exists()

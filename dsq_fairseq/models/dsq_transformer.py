@@ -28,6 +28,7 @@ from fairseq.models.transformer import (
 )
 
 from dsq_fairseq.cost.accounting import CostLedger
+from dsq_fairseq.errors import user_errors_exit_cleanly
 from dsq_fairseq.nn.modules import install_dsq
 from dsq_fairseq.nn.runtime import STASH_PACKING, DSQRuntime, check_layernorm_stash_bits
 from dsq_fairseq.precision import (
@@ -163,11 +164,12 @@ class DSQTransformerModel(TransformerModel):
     @classmethod
     def build_model(cls, args, task):
         # Validate every --dsq-* option before fairseq builds (or trains) anything.
-        scheme = scheme_from_args(args)
-        schedule = schedule_from_args(args)
-        stash_packing = stash_packing_from_args(args)
-        layernorm_bits = _option(args, "dsq_layernorm_stash_bits")
-        check_layernorm_stash_bits(layernorm_bits, scheme)
+        with user_errors_exit_cleanly():
+            scheme = scheme_from_args(args)
+            schedule = schedule_from_args(args)
+            stash_packing = stash_packing_from_args(args)
+            layernorm_bits = _option(args, "dsq_layernorm_stash_bits")
+            check_layernorm_stash_bits(layernorm_bits, scheme)
         model = super().build_model(args, task)
         # one stochastic-rounding stream per rank, reproducible from --seed
         seed = int(getattr(args, "seed", 1) or 1) + _distributed_rank()

@@ -12,6 +12,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
 from dsq_fairseq.cost.accounting import RunCostTracker
+from dsq_fairseq.errors import user_errors_exit_cleanly
 from dsq_fairseq.nn import weight_cache
 from dsq_fairseq.precision import DSQConfigError
 from dsq_fairseq.schedule import PrecisionSchedule
@@ -81,11 +82,12 @@ class DSQTranslationTask(TranslationTask):
         model = super().build_model(cfg, from_checkpoint)
         schedule = getattr(model, "dsq_schedule", None)
         if not isinstance(schedule, PrecisionSchedule):
-            raise DSQConfigError(
-                "--task dsq_translation: the model has no DSQ precision schedule; use --arch "
-                "dsq_transformer, dsq_transformer_iwslt_de_en, dsq_transformer_wmt_en_de, "
-                "dsq_transformer_vaswani_wmt_en_de_big or dsq_transformer_demo"
-            )
+            with user_errors_exit_cleanly():
+                raise DSQConfigError(
+                    "--task dsq_translation: the model has no DSQ precision schedule; use --arch "
+                    "dsq_transformer, dsq_transformer_iwslt_de_en, dsq_transformer_wmt_en_de, "
+                    "dsq_transformer_vaswani_wmt_en_de_big or dsq_transformer_demo"
+                )
         self._schedule = schedule
         self._cost.attach(model)
         return model
