@@ -165,12 +165,17 @@ def _round(y: Tensor, u: Optional[Tensor]) -> Tensor:
     return lo + (u < (y - lo)).to(y.dtype)
 
 
-def _scale_round_clamp(xb, amax, u, wm2, qmax, emax):
-    """:func:`.bfp.pow2_block_quantize` for fp32 ``xb`` (same operations, same order)."""
+def _pow2_factors(amax, wm2, emax):
+    """Per block: the scale-up halves and their reciprocals of :func:`.bfp.pow2_block_quantize`
+    (``2^((w-2)-E)`` as two exact powers of two, so no step overflows)."""
     e = _pow2_exponent(amax, emax)
     up_a, up_b = _exp2_halves(wm2 - e)
-    down_a = torch.reciprocal(up_a)
-    down_b = torch.reciprocal(up_b)
+    return up_a, up_b, torch.reciprocal(up_a), torch.reciprocal(up_b)
+
+
+def _pow2_apply(xb, u, up_a, up_b, down_a, down_b, qmax):
+    """:func:`.bfp.pow2_block_quantize`'s elementwise part for fp32 ``xb`` (same operations, same
+    order); the factors broadcast over each block."""
     y = xb * up_a
     y = y * up_b
     y = _round(y, u)
@@ -179,20 +184,16 @@ def _scale_round_clamp(xb, amax, u, wm2, qmax, emax):
     return _input_nan(y * down_b, xb)
 
 
-def _bfp_core(xb, ub, wm2, qmax, emax, axis: int):
-    """BFP on pre-blocked ``xb``: ``[M, B]`` (``axis=1``, blocks along the contiguous last dim)
-    or ``[P, nblocks, B, Q]`` (``axis=2``); ``ub`` the same shape or None. Returns ``xb``'s
-    shape. All reshaping happens outside (views, free): reshapes of symbolic shapes inside the
-    graph were seen to cost an extra strided copy."""
-    xc = xb.to(torch.float32)
-    amax = _nan_free_abs(xc).amax(dim=axis, keepdim=True)
-    return _scale_round_clamp(xc, amax, ub, wm2, qmax, emax).to(xb.dtype)
+def _bfp_factors(xb, wm2, emax, axis: int):
+    """Factors of every block of pre-blocked fp32 ``xb``: ``[M, B]`` (``axis=1``, blocks along
+    the contiguous last dim) or ``[P, nblocks, B, Q]`` (``axis=2``); keepdim shapes. All
+    reshaping happens outside (views, free): reshapes of symbolic shapes inside the graph were
+    seen to cost an extra strided copy."""
+    return _pow2_factors(_nan_free_abs(xb).amax(dim=axis, keepdim=True), wm2, emax)
 
 
-def _fixed_core(x1, u1, wm2, qmax, emax):
-    xc = x1.to(torch.float32)
-    amax = _nan_free_abs(xc).amax()
-    return _scale_round_clamp(xc, amax, u1, wm2, qmax, emax).to(x1.dtype)
+def _fixed_factors(x1, wm2, emax):
+    return _pow2_factors(_nan_free_abs(x1).amax(), wm2, emax)
 
 
 def _int_core(x3, u3, qmax, per_vector: bool):
@@ -213,14 +214,25 @@ def _specialise(key: Tuple) -> Callable:
     ``key``, with the structural constants (reduction axis, granularity) baked in as Python
     values."""
     kind = key[0]
-    if kind == "bfp":
+    if kind == "bfp_factors":
+        axis = key[1]
+
+        def fn(x, wm2, emax):
+            return _bfp_factors(x, wm2, emax, axis)
+    elif kind == "fixed_factors":
+        def fn(x, wm2, emax):
+            return _fixed_factors(x, wm2, emax)
+    elif kind == "bfp_fused":  # one graph (stochastic rounding: measured faster than two)
         axis = key[1]
 
         def fn(x, u, wm2, qmax, emax):
-            return _bfp_core(x, u, wm2, qmax, emax, axis)
-    elif kind == "fixed":
+            return _pow2_apply(x, u, *_bfp_factors(x, wm2, emax, axis), qmax)
+    elif kind == "fixed_fused":
         def fn(x, u, wm2, qmax, emax):
-            return _fixed_core(x, u, wm2, qmax, emax)
+            return _pow2_apply(x, u, *_fixed_factors(x, wm2, emax), qmax)
+    elif kind == "pow2_apply":
+        def fn(x, u, up_a, up_b, down_a, down_b, qmax):
+            return _pow2_apply(x, u, up_a, up_b, down_a, down_b, qmax)
     else:
         per_vector = key[1]
 
@@ -252,7 +264,9 @@ def _get_compiled(key: Tuple) -> Optional[Callable]:
     return _compiled[key]
 
 
-def _run(key: Tuple, reference: Callable, *args) -> Tensor:
+def _call(key: Tuple, *args):
+    """The compiled function of ``key`` on ``args``; ``None`` if it can't compile (then never
+    again for ``key``, with one warning)."""
     fn = _get_compiled(key)
     if fn is not None:
         try:
@@ -260,9 +274,32 @@ def _run(key: Tuple, reference: Callable, *args) -> Tensor:
                 return fn(*args)
         except Exception as exc:  # compile failure: fall back to the reference for this key
             warnings.warn(f"dsq fast quantizer {key} unavailable ({type(exc).__name__}: {exc}); "
-                          "using the reference implementation", RuntimeWarning, stacklevel=3)
+                          "using the reference implementation", RuntimeWarning, stacklevel=4)
             _compiled[key] = None
-    return reference()
+    return None
+
+
+def _run(key: Tuple, reference: Callable, *args) -> Tensor:
+    out = _call(key, *args)
+    return reference() if out is None else out
+
+
+def _run_pow2(factors_key: Tuple, reference: Callable, xb: Tensor, ub: Optional[Tensor],
+              dyn: Tuple[int, ...], wm2: Tensor, qmax: Tensor, emax: Tensor) -> Tensor:
+    """BFP / Fixed as two kernels: a reduction writing four factors per block, then one
+    elementwise pass. (One fused graph recomputed the per-block exponent arithmetic for every
+    element -- int bit casts that don't vectorize -- and ran at up to half the speed; with
+    stochastic rounding the fused graph measured faster, so that one stays fused.)"""
+    if ub is not None:
+        fused_key = (factors_key[0].replace("_factors", "_fused"), *factors_key[1:])
+        return _run(fused_key, reference, xb, ub, wm2, qmax, emax)
+    factors = _call(factors_key, xb, wm2, emax)
+    if factors is None:
+        return reference()
+    dims = tuple(d for d in dyn if factors[0].dim() > d and factors[0].shape[d] != 1)
+    factors = [_dynamic(f, dims) for f in factors]
+    out = _call(("pow2_apply", *factors_key, ub is not None), xb, ub, *factors, qmax)
+    return reference() if out is None else out
 
 
 def _constants(device: torch.device, width: int, exponent_bits: int) -> Tuple[Tensor, ...]:
@@ -335,16 +372,15 @@ def bfp_quantize(
     if q == 1:  # blocks along the contiguous last dim: rows [M, B]
         xb = x3.view(p * nblocks, block_size)
         ub = None if u is None else u.view(p * nblocks, block_size)
-        key = ("bfp", 1, stochastic, x.device.type)
-        dyn = (0,)
+        axis, dyn = 1, (0,)
     else:
         xb = x3.view(p, nblocks, block_size, q)
         ub = None if u is None else u.view(p, q, nblocks, block_size).permute(0, 2, 3, 1)
-        key = ("bfp", 2, stochastic, x.device.type)
-        dyn = (0, 1, 3)
+        axis, dyn = 2, (0, 1, 3)
     # sizes vary from call to call; the block size stays a compile-time constant
-    out = _run(key, reference, _dynamic(xb, dyn), _dynamic(ub, dyn),
-               *_constants(xd.device, width, exponent_bits))
+    wm2, qmax, emax = _constants(xd.device, width, exponent_bits)
+    out = _run_pow2(("bfp_factors", axis, x.device.type), reference, _dynamic(xb, dyn),
+                    _dynamic(ub, dyn), dyn, wm2, qmax, emax)
     if pad:
         out = out.view(p, nblocks * block_size, q)[:, :n]
     return out.contiguous().view(x.shape).to(x.dtype)
@@ -374,10 +410,9 @@ def fixed_quantize(
     if stochastic:
         u1 = torch.rand(xd.shape, generator=generator, device=xd.device,
                         dtype=torch.float32).view(-1)
-    key = ("fixed", stochastic, x.device.type)
-    x1 = _dynamic(xd.view(-1), (0,))
-    out = _run(key, reference, x1, _dynamic(u1, (0,)),
-               *_constants(xd.device, width, FIXED_EXPONENT_BITS))
+    wm2, qmax, emax = _constants(xd.device, width, FIXED_EXPONENT_BITS)
+    out = _run_pow2(("fixed_factors", x.device.type), reference, _dynamic(xd.view(-1), (0,)),
+                    _dynamic(u1, (0,)), (0,), wm2, qmax, emax)
     return out.view(x.shape).to(x.dtype)
 
 
