@@ -265,12 +265,19 @@ class QuantScheme:
             )
         if self.format == "fixed":
             return impl.fixed_quantize(x, width, rounding=self.rounding, generator=generator)
+        return impl.int_quantize(
+            x, width, granularity=self.int_granularity_for(is_weight), dim=dim,
+            rounding=self.rounding, generator=generator,
+        )
+
+    def int_granularity_for(self, is_weight: bool) -> str:
+        """The ``int_quantize`` granularity an operand gets: ``channel`` applies to weights only
+        (activations/gradients per tensor); ``token`` means one scale per vector for every
+        operand (weights: per channel)."""
         granularity = self.int_granularity
         if granularity == "channel" and not is_weight:
-            granularity = "tensor"
-        elif granularity == "token" and is_weight:
-            granularity = "channel"
-        return impl.int_quantize(
-            x, width, granularity=granularity, dim=dim, rounding=self.rounding, generator=generator
-        )
+            return "tensor"
+        if granularity == "token" and is_weight:
+            return "channel"
+        return granularity
 

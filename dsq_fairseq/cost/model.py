@@ -91,10 +91,7 @@ def _mx_exponent_bits(scheme: QuantScheme, width: Point) -> int:
 
 def _per_vector_scale(scheme: QuantScheme, is_weight: bool) -> bool:
     """Int: does this tensor carry one scale per vector (as ``QuantScheme.quantize`` does)?"""
-    granularity = scheme.int_granularity
-    if is_weight:
-        return granularity in ("channel", "token")
-    return granularity == "token"
+    return scheme.int_granularity_for(is_weight) != "tensor"
 
 
 def tensor_bits(

@@ -103,13 +103,9 @@ def _stash(
         if hit is not None:
             return hit
     q = scheme.quantize(x, width, dim=dim, is_weight=is_weight, generator=generator)
-    granularity = scheme.int_granularity  # as QuantScheme.quantize maps it
-    if granularity == "channel" and not is_weight:
-        granularity = "tensor"
-    elif granularity == "token" and is_weight:
-        granularity = "channel"
     packed = pack(q, scheme.format, width, dim=dim, block_size=scheme.block_size,
-                  exponent_bits=scheme.exponent_bits, x=x, int_granularity=granularity)
+                  exponent_bits=scheme.exponent_bits, x=x,
+                  int_granularity=scheme.int_granularity_for(is_weight))
     if packed is None:
         return (q,), None
     stash = packed.tensors(), packed.meta()
