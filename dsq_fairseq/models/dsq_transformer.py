@@ -30,7 +30,12 @@ from fairseq.models.transformer import (
 from dsq_fairseq.cost.accounting import CostLedger
 from dsq_fairseq.errors import user_errors_exit_cleanly
 from dsq_fairseq.nn.modules import install_dsq
-from dsq_fairseq.nn.runtime import STASH_PACKING, DSQRuntime, check_layernorm_stash_bits
+from dsq_fairseq.nn.runtime import (
+    STASH_PACKING,
+    DSQRuntime,
+    check_layernorm_stash_bits,
+    check_stash_packing,
+)
 from dsq_fairseq.precision import (
     FORMATS,
     INT_GRANULARITIES,
@@ -124,12 +129,7 @@ def scheme_from_args(args: Any) -> QuantScheme:
 
 def stash_packing_from_args(args: Any) -> str:
     """``--dsq-packed-stash`` of a namespace / DictConfig (validated: one of auto/on/off)."""
-    value = str(_option(args, "dsq_packed_stash"))
-    if value not in STASH_PACKING:
-        raise DSQConfigError(
-            f"--dsq-packed-stash: unknown value '{value}'; allowed: {', '.join(STASH_PACKING)}"
-        )
-    return value
+    return check_stash_packing(str(_option(args, "dsq_packed_stash")))
 
 
 def schedule_from_args(args: Any) -> PrecisionSchedule:

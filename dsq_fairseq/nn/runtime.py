@@ -20,6 +20,16 @@ STASH_PACKING = ("auto", "on", "off")
 packable (2..16 bits), ``off`` keeps the fake-quantized fp32 stash."""
 
 
+def check_stash_packing(value: str) -> str:
+    """``--dsq-packed-stash``: one of :data:`STASH_PACKING` (returned), else
+    :class:`DSQConfigError`."""
+    if value not in STASH_PACKING:
+        raise DSQConfigError(
+            f"--dsq-packed-stash: unknown value '{value}'; allowed: {', '.join(STASH_PACKING)}"
+        )
+    return value
+
+
 def check_layernorm_stash_bits(bits: int, scheme: QuantScheme) -> None:
     """``--dsq-layernorm-stash-bits``: 32 (layer-norm inputs kept in full precision) or a width
     2..16 of the scheme's format (``bfp``, ``fixed`` or ``int``); else :class:`DSQConfigError`."""
@@ -76,11 +86,7 @@ class DSQRuntime:
         stash_packing: str = "auto",
         layernorm_stash_bits: int = FULL_PRECISION,
     ) -> None:
-        if stash_packing not in STASH_PACKING:
-            raise DSQConfigError(
-                f"--dsq-packed-stash: unknown value '{stash_packing}'; allowed: "
-                f"{', '.join(STASH_PACKING)}"
-            )
+        check_stash_packing(stash_packing)
         check_layernorm_stash_bits(layernorm_stash_bits, scheme)
         self.scheme = scheme
         self.precision = precision
