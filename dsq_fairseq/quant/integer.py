@@ -18,6 +18,19 @@ from .rounding import apply_rounding_
 __all__ = ["Int", "int_quantize"]
 
 
+def int_scale(xc: Tensor, width: int, granularity: str, dim: int) -> Tensor:
+    """The scale ``S = max|x| / (2^(w-1)-1)`` of :func:`int_quantize` (NaN excluded, inf as the
+    largest finite value): 0-d for ``granularity == "tensor"``, else one per vector along
+    ``dim`` (keepdim). ``xc`` is already in the compute dtype; ``S == 0`` for an all-zero
+    granule."""
+    a = nan_free_abs(xc)
+    if granularity == "tensor":
+        amax = a.amax()
+    else:
+        amax = (a.reshape(1) if a.dim() == 0 else a).amax(dim=dim, keepdim=True)
+    return amax / float(2 ** (width - 1) - 1)
+
+
 def int_quantize(
     x: Tensor,
     width: int,
@@ -74,12 +87,7 @@ def int_quantize(
     qmax = float(2 ** (width - 1) - 1)
     with torch.no_grad():
         xc = x.detach().to(_compute_dtype(x.dtype))
-        a = nan_free_abs(xc)
-        if granularity == "tensor":
-            amax = a.amax()
-        else:
-            amax = (a.reshape(1) if a.dim() == 0 else a).amax(dim=dim, keepdim=True)
-        scale = amax / qmax
+        scale = int_scale(xc, width, granularity, dim)
         y = xc / torch.where(scale == 0, 1.0, scale)
         y = apply_rounding_(y, rounding, generator)
         y.clamp_(-qmax, qmax)

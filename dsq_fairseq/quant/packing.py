@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bfp import _exp2_halves, nan_free_abs
+from .bfp import _exp2_halves
+from .integer import int_scale
 
 __all__ = ["PACKABLE_WIDTHS", "PackedTensor", "pack", "pack_bits", "unpack_bits"]
 
@@ -274,13 +275,7 @@ def pack(
                 return None
             if x is None or x.dtype != torch.float32:
                 return None
-            qmax = float(2 ** (width - 1) - 1)
-            a = nan_free_abs(x.detach())
-            if int_granularity == "tensor":
-                amax = a.amax()
-            else:
-                amax = (a.reshape(1) if a.dim() == 0 else a).amax(dim=dim, keepdim=True)
-            scale = amax / qmax
+            scale = int_scale(x.detach(), width, int_granularity, dim)
             k = torch.round(q / torch.where(scale == 0, 1.0, scale))
             codes = pack_bits(_encode_signed(k, width), width)
             return PackedTensor(codes, scale, q.shape, width, "int")
