@@ -67,6 +67,17 @@ def shared_exponent(amax: Tensor, exponent_bits: int = 8) -> Tensor:
     return torch.where(amax == 0, 0, e).to(torch.int32)
 
 
+def shared_exponent_from_bits(amax: Tensor, emax: int | Tensor) -> Tensor:
+    """:func:`shared_exponent` of a NaN-free, finite-or-inf fp32 ``amax`` read from its exponent
+    field, for ``emax = 2^(e-1)-1 <= 127`` (int or 0-d int tensor): equal for normal ``amax``; a
+    subnormal one gives -127 (frexp: ``<= -127``) and inf 128 (the reference sees the largest
+    finite value: 127), and both clamp to ``[-emax, emax]`` alike; ``amax == 0`` gives 0.
+    Cheaper than ``frexp`` and traceable by ``torch.compile``. int32, ``amax``'s shape."""
+    amax_bits = amax.view(torch.int32)
+    e = torch.clamp((amax_bits >> 23) - 127, -emax, emax)
+    return torch.where(amax_bits == 0, 0, e)
+
+
 def pow2_block_quantize(
     x: Tensor,
     amax: Tensor,

@@ -54,6 +54,7 @@ from torch import Tensor
 
 from . import _validate as v
 from .bfp import bfp_quantize as ref_bfp_quantize
+from .bfp import shared_exponent_from_bits
 from .fixed import FIXED_EXPONENT_BITS
 from .fixed import fixed_quantize as ref_fixed_quantize
 from .integer import int_quantize as ref_int_quantize
@@ -134,16 +135,6 @@ def _nan_free_abs(xc: Tensor) -> Tensor:
     return torch.where(a == a, a, 0.0)
 
 
-def _pow2_exponent(amax: Tensor, emax: Tensor) -> Tensor:
-    """:func:`.bfp.shared_exponent` of a NaN-free fp32 ``amax`` from its exponent field: equal
-    for normal ``amax``; subnormal gives -127 (reference ``<= -127``), ``inf`` 128 (reference:
-    127 for the largest finite value it substitutes); both clamp to ``[-emax, emax]``,
-    ``emax <= 127``, alike."""
-    amax_bits = amax.view(torch.int32)
-    e = torch.clamp((amax_bits >> 23) - 127, -emax, emax)
-    return torch.where(amax_bits == 0, 0, e)
-
-
 def _input_nan(q: Tensor, x: Tensor) -> Tensor:
     """NaN elements of ``q`` (exactly the NaN elements of ``x``) carry ``x``'s NaN bits, as the
     reference's do: vectorized ``clamp`` (max/min) returned all-ones NaNs, the eager one the
@@ -168,7 +159,7 @@ def _round(y: Tensor, u: Optional[Tensor]) -> Tensor:
 def _pow2_factors(amax, wm2, emax):
     """Per block: the scale-up halves and their reciprocals of :func:`.bfp.pow2_block_quantize`
     (``2^((w-2)-E)`` as two exact powers of two, so no step overflows)."""
-    e = _pow2_exponent(amax, emax)
+    e = shared_exponent_from_bits(amax, emax)
     up_a, up_b = _exp2_halves(wm2 - e)
     return up_a, up_b, torch.reciprocal(up_a), torch.reciprocal(up_b)
 

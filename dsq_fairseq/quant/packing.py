@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bfp import _exp2_halves
+from .bfp import _exp2_halves, shared_exponent_from_bits
 from .integer import int_scale
 
 __all__ = ["PACKABLE_WIDTHS", "PackedTensor", "pack", "pack_bits", "unpack_bits"]
@@ -292,11 +292,8 @@ def pack(
         amax = mag.amax(dim=2, keepdim=True)  # NaN / inf show here: no code for them
         if not math.isfinite(amax.max().item()):
             return None
-        # shared_exponent(amax) from the exponent field (amax >= 0, finite): equal for normal
-        # amax; a subnormal one gives -127 (frexp: <= -127), and both clamp to >= -127
         emax = 2 ** (exponent_bits - 1) - 1
-        amax_bits = amax.view(torch.int32)
-        e = ((amax_bits >> 23) - 127).clamp_(-emax, emax).masked_fill_(amax_bits == 0, 0)
+        e = shared_exponent_from_bits(amax, emax)
         shift = (width - 2) - e
         lo, hi = torch.aminmax(shift)
         if -126 <= lo.item() and hi.item() <= 127:  # 2^shift is a normal fp32: one multiply
