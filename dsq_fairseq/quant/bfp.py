@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validate as v
+from ._format import WidthFormat
 from .rounding import apply_rounding_
 
 __all__ = ["BFP", "bfp_quantize", "pow2_block_quantize", "shared_exponent"]
@@ -204,7 +205,7 @@ def bfp_quantize(
 
 
 @dataclass(frozen=True)
-class BFP:
+class BFP(WidthFormat):
     """Block floating point BFP(w, e, B): ``B`` elements share one ``e``-bit exponent.
 
     Each element holds a sign and ``w - 1`` magnitude bits ``k``; the block holds an
@@ -235,29 +236,18 @@ class BFP:
         block_size: ``B >= 1``.
     """
 
-    width: int
     exponent_bits: int = 8
     block_size: int = 16
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "width", v.check_width(self.width))
+        super().__post_init__()
         object.__setattr__(self, "exponent_bits", v.check_exponent_bits(self.exponent_bits))
         object.__setattr__(self, "block_size", v.check_block_size(self.block_size))
-
-    @property
-    def is_identity(self) -> bool:
-        """True for width 32 (leave unquantized)."""
-        return self.width == 32
 
     @property
     def max_exponent(self) -> int:
         """``E_max = 2^(e-1) - 1``; the shared exponent lies in ``[-E_max, E_max]``."""
         return 2 ** (self.exponent_bits - 1) - 1
-
-    @property
-    def max_int(self) -> int:
-        """``2^(w-1) - 1``, the largest element magnitude in units of the step ``s``."""
-        return 2 ** (self.width - 1) - 1
 
     @property
     def bits_per_element(self) -> float:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as v
+from ._format import WidthFormat
 from .bfp import _compute_dtype, nan_free_abs, pow2_block_quantize
 
 __all__ = ["Fixed", "fixed_quantize"]
@@ -61,7 +62,7 @@ def fixed_quantize(
 
 
 @dataclass(frozen=True)
-class Fixed:
+class Fixed(WidthFormat):
     """Dynamic fixed point Fixed(w): ``w``-bit integers times one power-of-two scale.
 
     Representable values, for a tensor scale exponent ``E`` in ``[-127, 127]``:
@@ -82,21 +83,6 @@ class Fixed:
     Args:
         width: ``w`` in 2..32 (bits per element including the sign).
     """
-
-    width: int
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "width", v.check_width(self.width))
-
-    @property
-    def is_identity(self) -> bool:
-        """True for width 32 (leave unquantized)."""
-        return self.width == 32
-
-    @property
-    def max_int(self) -> int:
-        """``2^(w-1) - 1``, the largest element magnitude in units of the step ``s``."""
-        return 2 ** (self.width - 1) - 1
 
     @property
     def bits_per_element(self) -> float:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as v
+from ._format import WidthFormat
 from .bfp import _compute_dtype, nan_free_abs
 from .rounding import apply_rounding_
 
@@ -96,7 +97,7 @@ def int_quantize(
 
 
 @dataclass(frozen=True)
-class Int:
+class Int(WidthFormat):
     """Symmetric linear integer format Int(w) with a real-valued (fp32) scale ``S``.
 
     Representable values for a scale ``S`` (one per tensor / channel / token):
@@ -122,22 +123,11 @@ class Int:
             ``"token"`` (per row of an activation).
     """
 
-    width: int
     granularity: str = "tensor"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "width", v.check_width(self.width))
+        super().__post_init__()
         object.__setattr__(self, "granularity", v.check_granularity(self.granularity))
-
-    @property
-    def is_identity(self) -> bool:
-        """True for width 32 (leave unquantized)."""
-        return self.width == 32
-
-    @property
-    def max_int(self) -> int:
-        """``2^(w-1) - 1``, the largest integer magnitude."""
-        return 2 ** (self.width - 1) - 1
 
     def quantize(
         self,
