@@ -53,8 +53,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validate as v
+from .bfp import _exp2_halves, shared_exponent_from_bits
 from .bfp import bfp_quantize as ref_bfp_quantize
-from .bfp import shared_exponent_from_bits
 from .fixed import FIXED_EXPONENT_BITS
 from .fixed import fixed_quantize as ref_fixed_quantize
 from .integer import int_quantize as ref_int_quantize
@@ -142,12 +142,6 @@ def _input_nan(q: Tensor, x: Tensor) -> Tensor:
     return torch.where(q == q, q, x)
 
 
-def _exp2_halves(k: Tensor) -> Tuple[Tensor, Tensor]:
-    lo = k >> 1
-    hi = k - lo
-    return ((lo + 127) << 23).view(torch.float32), ((hi + 127) << 23).view(torch.float32)
-
-
 def _round(y: Tensor, u: Optional[Tensor]) -> Tensor:
     """:func:`.rounding.apply_rounding_`: half-to-even, or ``floor(y) + (u < y - floor(y))``."""
     if u is None:
@@ -160,7 +154,7 @@ def _pow2_factors(amax, wm2, emax):
     """Per block: the scale-up halves and their reciprocals of :func:`.bfp.pow2_block_quantize`
     (``2^((w-2)-E)`` as two exact powers of two, so no step overflows)."""
     e = shared_exponent_from_bits(amax, emax)
-    up_a, up_b = _exp2_halves(wm2 - e)
+    up_a, up_b = _exp2_halves(wm2 - e, torch.float32)
     return up_a, up_b, torch.reciprocal(up_a), torch.reciprocal(up_b)
 
 
