@@ -45,6 +45,12 @@ STATE_FORMATS = ("int", "bfp", "fixed", "none")
 MIN_STATE_BITS, MAX_STATE_BITS = 2, 8
 
 
+def _blocks(flat: Tensor, block: int) -> Tensor:
+    """1-D ``flat`` zero-padded to whole blocks, as ``[nblocks >= 1, block]``."""
+    nblocks = max(-(-flat.numel() // block), 1)
+    return F.pad(flat, (0, nblocks * block - flat.numel())).view(nblocks, block)
+
+
 @dataclass(frozen=True)
 class StateQuantizer:
     """How each Adam moment is stored (see the module docstring for the formulas).
@@ -104,9 +110,8 @@ class StateQuantizer:
         if not self.enabled:
             raise ValueError("format 'none' stores fp32 moments, nothing to encode")
         flat = x.detach().reshape(-1).float()
-        n, block = flat.numel(), self.block_for(flat.numel())
-        nblocks = max(-(-n // block), 1)
-        xb = F.pad(flat, (0, nblocks * block - n)).view(nblocks, block)
+        n = flat.numel()
+        xb = _blocks(flat, self.block_for(n))
         amax = nan_free_abs(xb).amax(dim=1, keepdim=True)
         kmax = 2 ** (self.bits - 1) - 1 if signed else 2**self.bits - 1
         out: Dict[str, Tensor] = {}
@@ -138,8 +143,7 @@ class StateQuantizer:
         """fp32 values (flat, ``codes.numel()`` long) of codes with the layout they were stored
         with: ``bits``, ``block`` and exactly one of ``scale`` (int) / ``exp`` (bfp/fixed)."""
         n = codes.numel()
-        nblocks = max(-(-n // block), 1)
-        k = F.pad(codes.reshape(-1).float(), (0, nblocks * block - n)).view(nblocks, block)
+        k = _blocks(codes.reshape(-1).float(), block)
         if scale is not None:
             y = k * scale.float().view(-1, 1)
         else:
@@ -152,9 +156,8 @@ class StateQuantizer:
         """Per-element bound on ``|decode(encode(x)) - x|`` (one step; half a step where no
         clamping or raising to code 1 applies) -- for tests and documentation."""
         flat = x.detach().reshape(-1).float()
-        n, block = flat.numel(), self.block_for(flat.numel())
-        nblocks = max(-(-n // block), 1)
-        xb = F.pad(flat, (0, nblocks * block - n)).view(nblocks, block)
+        n = flat.numel()
+        xb = _blocks(flat, self.block_for(n))
         amax = xb.abs().amax(dim=1, keepdim=True)
         if self.format == "int":
             step = amax / (2 ** (self.bits - 1) - 1 if signed else 2**self.bits - 1)
