@@ -86,6 +86,11 @@ HP = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
 
 
 def test_format_none_is_fairseqs_adam_bit_for_bit():
+    # The first trajectory of a pytest process was seen to differ from every later one in the
+    # last bit of ~half the elements (2.98e-06) even for fairseq's Adam against itself (torch CPU
+    # kernels, not the optimizer): run one unmeasured trajectory first so both compared runs see
+    # the same process state.
+    _trajectory(lambda p: Adam(p, **HP), 6)
     ref, _ = _trajectory(lambda p: Adam(p, **HP), 6)
     got, opt = _trajectory(
         lambda p: QuantizedStateAdam(p, quantizer=StateQuantizer("none"), **HP), 6
