@@ -16,9 +16,16 @@ fairseq: ``addmm`` / ``mm`` / ``bmm`` / attention nodes, weights excluded as par
 DSQ rows split it into ``gemm_activation_stash_bytes`` and ``gemm_weight_stash_bytes`` (with
 round-to-nearest, packed linears keep no weight copy: they recompute ``Q1(W)`` from the master
 weight, a parameter). ``per_gemm`` compares each DSQ GEMM's activation stash fake-quant vs packed
-(a shared stash counts for every GEMM that holds it). ``step_time_s`` times forward + backward
-of the DSQ model with the stash packed and not, interleaved over ``--repeats`` rounds on the same
-model and batch (median and min; the first round is a warm-up).
+(a shared stash counts for every GEMM that holds it).
+
+Rows: ``fp32_fairseq`` and ``dsq_fake_quant`` (``--dsq-packed-stash off``) use fairseq's
+``label_smoothed_cross_entropy`` code; ``dsq_packed`` is the plugin's packed training as the
+scripts run it: ``--dsq-packed-stash on`` and the ``dsq_label_smoothed_cross_entropy`` criterion
+(same values; its loss node keeps the packed ``Q0(x)`` of the output projection instead of the
+``[tokens, vocab]`` log-probabilities); ``dsq_packed_fairseq_criterion``: packed, with fairseq's
+criterion. ``step_time_s`` times forward + backward of each DSQ row, interleaved over
+``--repeats`` rounds on the same model and batch (median and min; the first round is a warm-up),
+with ratios to ``dsq_fake_quant``.
 
     python benchmarks/stash_memory.py [--schedule 16,4,4,16] [--format bfp] [--vocab-size 8000]
         [--batch-size 16] [--src-len 24] [--tgt-len 24] [--repeats 3] [--dims iwslt|demo]
@@ -84,15 +91,23 @@ def make_batch(task, batch_size: int, src_len: int, tgt_len: int) -> Dict[str, t
             "prev_output_tokens": prev, "target": tgt}
 
 
-def loss_of(model, batch) -> torch.Tensor:
+def loss_of(model, batch, recompute_logits: bool = False) -> torch.Tensor:
+    """fairseq's label-smoothed loss (eps 0.1); ``recompute_logits``: through the plugin's
+    ``dsq_label_smoothed_cross_entropy`` path (same values; keeps no log-probabilities)."""
     from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
+    from dsq_fairseq.nn.logits import loss_recomputing_logits
+
     net_output = model(batch["src_tokens"], batch["src_lengths"], batch["prev_output_tokens"])
-    lprobs = model.get_normalized_probs(net_output, log_probs=True)
-    loss, _ = label_smoothed_nll_loss(
-        lprobs.view(-1, lprobs.size(-1)), batch["target"].view(-1), 0.1, reduce=True
-    )
-    return loss
+
+    def fairseq_loss(logits):
+        lprobs = model.get_normalized_probs((logits, *net_output[1:]), log_probs=True)
+        return label_smoothed_nll_loss(
+            lprobs.view(-1, lprobs.size(-1)), batch["target"].view(-1), 0.1, reduce=True
+        )
+
+    out = loss_recomputing_logits(net_output[0], fairseq_loss) if recompute_logits else None
+    return (fairseq_loss(net_output[0]) if out is None else out)[0]
 
 
 def _tensors(value) -> Iterator[torch.Tensor]:
@@ -191,26 +206,34 @@ def walk(loss: torch.Tensor, param_ptrs: set) -> Dict[str, object]:
     }
 
 
-def measure(model, batch) -> Dict[str, object]:
+def measure(model, batch, recompute_logits: bool = False) -> Dict[str, object]:
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    loss = loss_of(model, batch)
+    loss = loss_of(model, batch, recompute_logits)
     result = walk(loss, params)
     del loss
     return result
 
 
-def step_time(model, batch, packing: Sequence[str], repeats: int) -> Dict[str, float]:
-    times: Dict[str, List[float]] = {p: [] for p in packing}
+STEP_MODES = {  # name: (--dsq-packed-stash, loss through dsq_label_smoothed_cross_entropy)
+    "fake_quant": ("off", False),
+    "packed": ("on", True),
+    "packed_fairseq_criterion": ("on", False),
+}
+
+
+def step_time(model, batch, repeats: int) -> Dict[str, Tuple[float, float]]:
+    """(median, min) seconds of forward + backward per :data:`STEP_MODES` entry, interleaved."""
+    times: Dict[str, List[float]] = {m: [] for m in STEP_MODES}
     for _ in range(repeats + 1):  # the first round warms up
-        for p in packing:
-            model.dsq_runtime.stash_packing = p
+        for mode, (packing, recompute) in STEP_MODES.items():
+            model.dsq_runtime.stash_packing = packing
             model.zero_grad(set_to_none=True)
             torch.manual_seed(2)
             start = time.perf_counter()
-            loss_of(model, batch).backward()
-            times[p].append(time.perf_counter() - start)
-    return {p: (statistics.median(ts[1:]), min(ts[1:])) for p, ts in times.items()}
+            loss_of(model, batch, recompute).backward()
+            times[mode].append(time.perf_counter() - start)
+    return {m: (statistics.median(ts[1:]), min(ts[1:])) for m, ts in times.items()}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
@@ -241,15 +264,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     batch = make_batch(task, args.batch_size, args.src_len, args.tgt_len)
     torch.manual_seed(3)
     rows = {"fp32_fairseq": measure(fp32, batch)}
-    for name, packing in (("dsq_fake_quant", "off"), ("dsq_packed", "on")):
+    for name, (packing, recompute) in STEP_MODES.items():
         dsq.dsq_runtime.stash_packing = packing
         torch.manual_seed(3)
-        rows[name] = measure(dsq, batch)
+        rows[f"dsq_{name}"] = measure(dsq, batch, recompute)
     ln_bits = [int(b) for b in args.layernorm_stash_bits.split(",") if b.strip()]
     for b in ln_bits:
         dsq.dsq_runtime.layernorm_stash_bits = b
         torch.manual_seed(3)
-        rows[f"dsq_packed_layernorm{b}"] = measure(dsq, batch)
+        rows[f"dsq_packed_layernorm{b}"] = measure(dsq, batch, True)
     dsq.dsq_runtime.layernorm_stash_bits = 32
     fake, packed = rows["dsq_fake_quant"].pop("_per_gemm"), rows["dsq_packed"].pop("_per_gemm")
     for row in rows.values():
@@ -276,18 +299,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                 base["whole_model_bytes"] / fq["whole_model_bytes"],
             "whole_model_fake_quant_over_packed":
                 fq["whole_model_bytes"] / pk["whole_model_bytes"],
+            "whole_model_fp32_fairseq_over_packed_fairseq_criterion": base["whole_model_bytes"]
+                / rows["dsq_packed_fairseq_criterion"]["whole_model_bytes"],
             **{f"whole_model_fp32_fairseq_over_packed_layernorm{b}":
                base["whole_model_bytes"] / rows[f"dsq_packed_layernorm{b}"]["whole_model_bytes"]
                for b in ln_bits},
         },
     }
     if args.repeats:
-        times = step_time(dsq, batch, ("off", "on"), args.repeats)
+        times = step_time(dsq, batch, args.repeats)
         report["step_time_s"] = {
-            "dsq_fake_quant_median": times["off"][0], "dsq_packed_median": times["on"][0],
-            "packed_over_fake_quant_median": times["on"][0] / times["off"][0],
-            "dsq_fake_quant_min": times["off"][1], "dsq_packed_min": times["on"][1],
-            "packed_over_fake_quant_min": times["on"][1] / times["off"][1],
+            **{f"dsq_{m}_{stat}": t[i] for m, t in times.items()
+               for i, stat in enumerate(("median", "min"))},
+            **{f"{m}_over_fake_quant_{stat}": t[i] / times["fake_quant"][i]
+               for m, t in times.items() if m != "fake_quant"
+               for i, stat in enumerate(("median", "min"))},
         }
     print(json.dumps(report, indent=2))
     return report

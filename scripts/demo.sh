@@ -13,6 +13,8 @@
 #   USE_PLUGIN=1               0: plain fairseq baseline (task translation, small
 #                              transformer_iwslt_de_en, no --dsq-* flags)
 #   TASK, ARCH, USER_DIR       override task / architecture / --user-dir (USER_DIR= drops it)
+#   CRITERION                  default dsq_label_smoothed_cross_entropy (plugin; fairseq's
+#                              label_smoothed_cross_entropy with the same numbers and less memory)
 #   DSQ_FORMAT=bfp  DSQ_SCHEDULE="4,4,4,16;8,4,4,16;16,4,4,16"  DSQ_PATIENCE=1
 #   DSQ_MIN_DELTA=0.05         (plugin only; the level rises when a validation round improves
 #                              the loss by <= 0.05)
@@ -80,9 +82,12 @@ if [ "$USE_PLUGIN" != 0 ]; then
   DSQ_MIN_DELTA="${DSQ_MIN_DELTA:-0.05}"
   PLUGIN_ARGS=(--dsq-format "$DSQ_FORMAT" --dsq-schedule "$DSQ_SCHEDULE"
                --dsq-patience "$DSQ_PATIENCE" --dsq-min-delta "$DSQ_MIN_DELTA")
+  # fairseq's label-smoothed loss, same numbers, without keeping [tokens, vocab] log-probs
+  CRITERION="${CRITERION:-dsq_label_smoothed_cross_entropy}"
   [ -n "$USER_DIR" ] || die "USE_PLUGIN=1 needs USER_DIR (default: $ROOT/dsq_fairseq)"
 else
   TASK="${TASK:-translation}"
+  CRITERION="${CRITERION:-label_smoothed_cross_entropy}"
   if [ -z "${ARCH:-}" ]; then
     # same size as the demo's DSQ architecture: 2+2 layers, 128 dims, 4 heads, FFN 256
     ARCH=transformer_iwslt_de_en
@@ -133,7 +138,7 @@ TRAIN_CMD=(fairseq-train "$DATA_BIN" "${USER_DIR_ARGS[@]}" --task "$TASK" --arch
   --source-lang "$SRC" --target-lang "$TGT"
   "${ARCH_ARGS[@]}" "${PLUGIN_ARGS[@]}"
   --optimizer "${OPTIMIZER:-adam}" --adam-betas '(0.9,0.98)' --lr 1e-3 --lr-scheduler inverse_sqrt
-  --warmup-updates "$WARMUP" --validate-interval-updates "$VALIDATE_EVERY" --criterion label_smoothed_cross_entropy --label-smoothing 0.1
+  --warmup-updates "$WARMUP" --validate-interval-updates "$VALIDATE_EVERY" --criterion "$CRITERION" --label-smoothing 0.1
   --dropout 0.1 --max-tokens 4096 --max-epoch "$MAX_EPOCH" --cpu --seed 1
   --save-dir "$CKPT_DIR" --no-epoch-checkpoints --log-format simple --log-interval 50
   "${EXTRA_TRAIN[@]}")

@@ -29,7 +29,7 @@ from fairseq.models.transformer import (
 
 from dsq_fairseq.cost.accounting import CostLedger
 from dsq_fairseq.errors import user_errors_exit_cleanly
-from dsq_fairseq.nn.modules import install_dsq
+from dsq_fairseq.nn.modules import DSQLinear, install_dsq
 from dsq_fairseq.nn.runtime import (
     STASH_PACKING,
     DSQRuntime,
@@ -203,6 +203,9 @@ class DSQTransformerModel(TransformerModel):
         self.dsq_gemm_modules = 0
         if scheme.enabled:
             self.dsq_gemm_modules = install_dsq(self, self.dsq_runtime, quantize_attention_matmul)
+            projection = getattr(self.decoder, "output_projection", None)
+            if isinstance(projection, DSQLinear):
+                projection.dsq_keep_q0_input = True
 
     def _set_precision(self, precision) -> None:
         self.dsq_runtime.precision = precision

@@ -37,9 +37,10 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from dsq_fairseq.nn import weight_cache
+from dsq_fairseq.nn import logits, weight_cache
 from dsq_fairseq.nn.runtime import DSQRuntime, GemmRecord
 from dsq_fairseq.precision import FULL_PRECISION, Point, Precision
+from dsq_fairseq.quant import fast, fast_pack
 from dsq_fairseq.quant.packing import PackedTensor, pack
 
 UNQUANTIZED = Precision(*[FULL_PRECISION] * 4)
@@ -55,12 +56,15 @@ def _q0_linear(x, weight, bias, runtime: DSQRuntime) -> torch.Tensor:
     ``Q0(W)`` comes from :mod:`~dsq_fairseq.nn.weight_cache`: computed once per update (per
     validation round), not once per micro-batch, while the weight is unchanged.
     """
+    return _q0_linear_with_input(x, weight, bias, runtime)[0]
+
+
+def _q0_linear_with_input(x, weight, bias, runtime: DSQRuntime
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(Q0(x) @ Q0(W)^T + b, Q0(x))``: :func:`_q0_linear` and its quantized input."""
     p, scheme, gen = runtime.precision, runtime.scheme, runtime.generator(x.device)
-    return F.linear(
-        scheme.quantize(x, p.q0, dim=-1, generator=gen),
-        weight_cache.quantize_weight(runtime, weight, p.q0, -1, gen),
-        bias,
-    )
+    xq = scheme.quantize(x, p.q0, dim=-1, generator=gen)
+    return F.linear(xq, weight_cache.quantize_weight(runtime, weight, p.q0, -1, gen), bias), xq
 
 
 def _q0_matmul(a, b, runtime: DSQRuntime) -> torch.Tensor:
@@ -96,16 +100,38 @@ def _stash(
     scheme = runtime.scheme
     if not (runtime.packs_stash(width) if packed is None else packed):
         return (scheme.quantize(x, width, dim=dim, is_weight=is_weight, generator=generator),), None
+    return _pack_stash(x, width, dim, runtime, generator, is_weight, share_with)
+
+
+def _pack_stash(
+    x: torch.Tensor,
+    width: Point,
+    dim: int,
+    runtime: DSQRuntime,
+    generator: Optional[torch.Generator],
+    is_weight: bool = False,
+    share_with: Optional[torch.Tensor] = None,
+    q: Optional[torch.Tensor] = None,
+) -> Stash:
+    """The packed half of :func:`_stash`; ``q``: ``Q(x)`` at ``width`` along ``dim`` when the
+    caller already has it (round-to-nearest; not recomputed)."""
+    scheme = runtime.scheme
     key = None
     if share_with is not None and scheme.rounding == "nearest":
         key = (width, dim, is_weight, tuple(x.shape), scheme)
         hit = runtime.stash_lookup(share_with, key)
         if hit is not None:
             return hit
-    q = scheme.quantize(x, width, dim=dim, is_weight=is_weight, generator=generator)
-    packed = pack(q, scheme.format, width, dim=dim, block_size=scheme.block_size,
-                  exponent_bits=scheme.exponent_bits, x=x,
-                  int_granularity=scheme.int_granularity_for(is_weight))
+    packed = None
+    if q is None and scheme.format == "bfp" and scheme.rounding == "nearest" and fast.wanted(x):
+        # quantize-and-pack in two fused kernels, no fp32 Q1(x) (None: NaN/inf, odd shapes)
+        packed = fast_pack.bfp_pack(x, width, scheme.exponent_bits, scheme.block_size, dim)
+    if packed is None:
+        if q is None:
+            q = scheme.quantize(x, width, dim=dim, is_weight=is_weight, generator=generator)
+        packed = pack(q, scheme.format, width, dim=dim, block_size=scheme.block_size,
+                      exponent_bits=scheme.exponent_bits, x=x,
+                      int_granularity=scheme.int_granularity_for(is_weight))
     if packed is None:
         return (q,), None
     stash = packed.tensors(), packed.meta()
@@ -154,27 +180,36 @@ def _save_stashes(ctx, *stashes: Stash) -> None:
     ctx.stash_layout = tuple((len(tensors), meta) for tensors, meta in stashes)
 
 
+def unpack_stash(tensors: Tuple[torch.Tensor, ...], meta,
+                 runtime: Optional[DSQRuntime]) -> torch.Tensor:
+    """The fp32 values of one stash (``tensors``, ``meta`` as :func:`_stash` made them;
+    ``runtime``: needed for :class:`Requantize` stashes only)."""
+    if meta is None:
+        return tensors[0]
+    if isinstance(meta, Requantize):
+        return runtime.scheme.quantize(tensors[0], meta.width, dim=meta.dim, is_weight=True)
+    return PackedTensor(*tensors, *meta).unpack()
+
+
 def _load_stashes(ctx) -> Tuple[torch.Tensor, ...]:
     saved, out, i = ctx.saved_tensors, [], 0
     for n, meta in ctx.stash_layout:
         tensors, i = saved[i:i + n], i + n
-        if meta is None:
-            out.append(tensors[0])
-        elif isinstance(meta, Requantize):
-            out.append(ctx.runtime.scheme.quantize(tensors[0], meta.width, dim=meta.dim,
-                                                   is_weight=True))
-        else:
-            out.append(PackedTensor(*tensors, *meta).unpack())
+        out.append(unpack_stash(tensors, meta, getattr(ctx, "runtime", None)))
     return tuple(out)
 
 
 class _DSQLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, runtime: DSQRuntime):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, runtime: DSQRuntime,  # type: ignore[override]
+                q0_sink: Optional[list] = None):
         p = runtime.precision
         gen = runtime.generator(x.device)
-        y = _q0_linear(x, weight, bias, runtime)
+        y, xq = _q0_linear_with_input(x, weight, bias, runtime)
         x2 = x.reshape(-1, x.shape[-1])
+        if q0_sink is not None:  # the output projection: Q0(x) for recomputing the logits
+            q0_sink.append(_pack_stash(x2, p.q0, -1, runtime, gen,
+                                       q=xq.reshape(x2.shape)))
         _save_stashes(
             ctx,
             _stash(x2, p.q1, 0, runtime, gen, share_with=x),
@@ -200,7 +235,7 @@ class _DSQLinearFunction(torch.autograd.Function):
             grad_w = scheme.quantize(g, p.q3, dim=0, generator=gen).t().mm(x_stash)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def dsq_linear(
@@ -209,8 +244,14 @@ def dsq_linear(
     bias: Optional[torch.Tensor],
     runtime: DSQRuntime,
     name: str = "",
+    keep_q0_input: bool = False,
 ) -> torch.Tensor:
-    """``x [..., K] @ weight[N, K]^T + bias[N]`` with q0..q3 placed as in the module docstring."""
+    """``x [..., K] @ weight[N, K]^T + bias[N]`` with q0..q3 placed as in the module docstring.
+
+    ``keep_q0_input`` (the output projection): in training, also keep ``Q0(x)`` packed at q0 and
+    attach it to the result (:mod:`~dsq_fairseq.nn.logits`), so that the log-softmax over it need
+    not keep its ``[tokens, vocab]`` output (when lossless: ``logits.wants_source``).
+    """
     training = _needs_backward(x, weight, bias)
     if runtime.observers:
         m = x.numel() // x.shape[-1]
@@ -222,7 +263,11 @@ def dsq_linear(
         return F.linear(x, weight, bias)
     if not training:
         return _q0_linear(x, weight, bias, runtime)
-    return _DSQLinearFunction.apply(x, weight, bias, runtime)
+    if not (keep_q0_input and logits.wants_source(runtime, x)):
+        return _DSQLinearFunction.apply(x, weight, bias, runtime)
+    sink: list = []
+    y = _DSQLinearFunction.apply(x, weight, bias, runtime, sink)
+    return logits.attach_source(y, sink[0], x.shape, weight, bias, runtime, runtime.precision)
 
 
 class _DSQMatmulFunction(torch.autograd.Function):

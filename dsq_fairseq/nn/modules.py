@@ -29,9 +29,11 @@ class DSQLinear(nn.Linear):
 
     dsq_runtime: DSQRuntime
     dsq_name: str
+    dsq_keep_q0_input: bool = False  # the output projection (dsq_fairseq.nn.logits)
 
     def forward(self, x: Tensor) -> Tensor:
-        return dsq_linear(x, self.weight, self.bias, self.dsq_runtime, self.dsq_name)
+        return dsq_linear(x, self.weight, self.bias, self.dsq_runtime, self.dsq_name,
+                          keep_q0_input=self.dsq_keep_q0_input)
 
 
 class DSQDropout(FairseqDropout):

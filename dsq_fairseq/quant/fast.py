@@ -223,6 +223,12 @@ def _specialise(key: Tuple) -> Callable:
 
         def fn(x, u, qmax):
             return _int_core(x, u, qmax, per_vector)
+    return _named(fn, key)
+
+
+def _named(fn: Callable, key: Tuple) -> Callable:
+    """A copy of ``fn`` with its own code object (so its own dynamo cache and recompile budget),
+    named after ``key``."""
     return types.FunctionType(fn.__code__.replace(), fn.__globals__,
                               f"dsq_fast_{'_'.join(map(str, key))}", fn.__defaults__,
                               fn.__closure__)

@@ -197,6 +197,7 @@ class PackedTensor:
     kind: str
     dim: int = 0
     block_size: int = 1
+    fast: bool = False  # made by .fast_pack.bfp_pack: unpacked by its compiled kernel too
 
     @property
     def nbytes(self) -> int:
@@ -210,10 +211,16 @@ class PackedTensor:
 
     def meta(self) -> tuple:
         """Everything but the tensors; ``PackedTensor(*tensors, *meta)`` rebuilds it."""
-        return (self.shape, self.width, self.kind, self.dim, self.block_size)
+        return (self.shape, self.width, self.kind, self.dim, self.block_size, self.fast)
 
     def unpack(self) -> Tensor:
         """The packed tensor, bit-identical, as a new contiguous fp32 tensor."""
+        if self.fast:
+            from .fast_pack import bfp_unpack
+
+            out = bfp_unpack(self)
+            if out is not None:
+                return out
         numel = 1
         for s in self.shape:
             numel *= s

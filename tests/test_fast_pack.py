@@ -1,0 +1,81 @@
+"""The fused quantize-and-pack (:mod:`dsq_fairseq.quant.fast_pack`) against the references:
+the same bytes as ``pack(bfp_quantize(x))`` and, unpacked, the quantizer's output bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_quant_fast import nasty
+
+from dsq_fairseq.quant import bfp_quantize, fast, fast_pack
+from dsq_fairseq.quant.packing import PackedTensor, pack
+
+
+@pytest.fixture(autouse=True)
+def _fast_on(monkeypatch):
+    was = fast.enabled()
+    fast.set_enabled(True)
+    monkeypatch.setattr(fast_pack, "UNPACK_MIN_NUMEL", 0)  # the compiled unpack at any size
+    yield
+    fast.set_enabled(was)
+
+
+def finite(shape, seed=0):
+    """:func:`nasty` values (scales 2^-30..2^30, ties, subnormals, zero blocks) without NaN/inf,
+    plus a ``-0``."""
+    x = torch.nan_to_num(nasty(shape, seed=seed), nan=1.5, posinf=2.0, neginf=-3.0)
+    x.view(-1)[-1] = -0.0
+    return x
+
+
+# (shape, dim): blocks along the contiguous last dim (axis 1) and along an outer dim (axis 2),
+# with and without a short tail block; the stash shapes of a linear ([tokens, K] along tokens)
+# and of both attention matmul operands
+CASES = [((48, 32), 0), ((45, 32), 0), ((4, 24, 8), -2), ((4, 8, 32), -1), ((4, 8, 24), -1),
+         ((3, 5, 16), 1)]
+
+
+@pytest.mark.parametrize("width", [2, 4, 8])
+def test_same_bytes_as_the_reference_and_unpacks_to_the_quantizer_output(width):
+    for i, (shape, dim) in enumerate(CASES):
+        x = finite(shape, seed=i)
+        q = bfp_quantize(x, width, 8, 16, dim)
+        expected = pack(q, "bfp", width, dim=dim, block_size=16)
+        packed = fast_pack.bfp_pack(x, width, 8, 16, dim)
+        assert packed is not None and packed.fast, (shape, dim)
+        assert torch.equal(packed.codes, expected.codes), (shape, dim)
+        assert torch.equal(packed.scales, expected.scales), (shape, dim)
+        assert packed.meta()[:5] == expected.meta()[:5]
+        n = q.shape[dim]
+        unpacked = packed.unpack()  # compiled kernel unless a tail block
+        assert fast_pack.bfp_unpack(packed) is None or n % 16 == 0
+        assert torch.equal(unpacked.view(torch.int32), q.view(torch.int32)), (shape, dim)
+        reference = PackedTensor(*packed.tensors(), *packed.meta()[:5]).unpack()
+        assert torch.equal(reference.view(torch.int32), q.view(torch.int32))
+
+
+def test_smaller_exponent_fields_and_block_sizes():
+    x = finite((32, 24), seed=7)
+    for exponent_bits, block in ((4, 16), (8, 8), (3, 4)):
+        q = bfp_quantize(x, 4, exponent_bits, block, 0)
+        packed = fast_pack.bfp_pack(x, 4, exponent_bits, block, 0)
+        expected = pack(q, "bfp", 4, dim=0, block_size=block, exponent_bits=exponent_bits)
+        assert torch.equal(packed.codes, expected.codes)
+        assert torch.equal(packed.unpack().view(torch.int32), q.view(torch.int32))
+
+
+def test_non_finite_input_is_not_packed():
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = finite((32, 16))
+        x[3, 5] = bad
+        assert fast_pack.bfp_pack(x, 4, 8, 16, 0) is None
+
+
+def test_shapes_that_do_not_split_into_bytes_and_other_dtypes_are_declined():
+    assert not fast_pack.supports(torch.zeros(16, 7), 4, 0, 16)  # 7 codes a row: half a byte
+    assert not fast_pack.supports(torch.zeros(3, 15), 4, -1, 16)  # n odd along the last dim
+    assert not fast_pack.supports(torch.zeros(16, 8), 16, 0, 16)  # width 16: the reference
+    assert not fast_pack.supports(torch.zeros(16, 8, dtype=torch.float16), 4, 0, 16)
+    assert fast_pack.bfp_pack(torch.zeros(16, 7), 4, 8, 16, 0) is None
+    fast.set_enabled(False)
+    assert not fast_pack.supports(torch.zeros(16, 8), 4, 0, 16)

@@ -1,0 +1,104 @@
+"""``dsq_label_smoothed_cross_entropy`` (:mod:`dsq_fairseq.nn.logits`): fairseq's numbers bit for
+bit, without a ``[tokens, vocab]`` tensor kept for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
+from test_model import batch, build
+
+from dsq_fairseq.criterions.dsq_label_smoothed_cross_entropy import (
+    DSQLabelSmoothedCrossEntropyCriterion,
+)
+from dsq_fairseq.nn.logits import SOURCE_ATTR
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(torch.int32)
+
+
+def run(task, model, criterion, sample):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # the same dropout masks
+    loss, sample_size, logging = criterion(model, sample)
+    loss.backward()
+    return loss.detach(), logging, [p.grad.clone() for p in model.parameters()]
+
+
+def saved_numels(loss: torch.Tensor):
+    """Element counts of every tensor the graph of ``loss`` keeps."""
+    seen, stack, out = set(), [loss.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(n for n, _ in node.next_functions)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            out += [t.numel() for t in node.saved_tensors]
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                value = getattr(node, name)
+                if isinstance(value, torch.Tensor):
+                    out.append(value.numel())
+    return out
+
+
+@pytest.mark.parametrize("options", [
+    ("--dsq-format", "bfp", "--dsq-schedule", "16,4,4,16"),
+    ("--dsq-format", "int", "--dsq-schedule", "8,4,4,8", "--dsq-int-granularity", "token"),
+    ("--dsq-format", "bfp", "--dsq-schedule", "32,4,4,16"),  # Q0(x) = x: kept unpacked
+])
+def test_same_loss_logging_and_gradients_as_fairseqs_criterion(data_bin, options):
+    task, model, _ = build(data_bin, *options, "--dropout", "0.3",
+                           "--criterion", "dsq_label_smoothed_cross_entropy",
+                           "--label-smoothing", "0.1", "--report-accuracy")
+    model.train()
+    ours = DSQLabelSmoothedCrossEntropyCriterion(task, False, 0.1, report_accuracy=True)
+    theirs = LabelSmoothedCrossEntropyCriterion(task, False, 0.1, report_accuracy=True)
+    sample = batch(task)
+    loss_a, log_a, grads_a = run(task, model, ours, sample)
+    loss_b, log_b, grads_b = run(task, model, theirs, sample)
+    assert torch.equal(bits(loss_a), bits(loss_b))
+    assert torch.equal(bits(log_a["nll_loss"]), bits(log_b["nll_loss"]))
+    assert log_a["n_correct"] == log_b["n_correct"]
+    assert len(grads_a) == len(grads_b) > 0
+    for a, b in zip(grads_a, grads_b):
+        assert torch.equal(bits(a), bits(b))
+
+
+def test_the_loss_keeps_no_vocabulary_sized_tensor(data_bin):
+    task, model, _ = build(data_bin, "--dsq-format", "bfp", "--dsq-schedule", "16,4,4,16")
+    model.train()
+    sample = batch(task)
+    vocab = len(task.target_dictionary)
+    tokens = sample["target"].numel()
+    ours = DSQLabelSmoothedCrossEntropyCriterion(task, False, 0.1)
+    theirs = LabelSmoothedCrossEntropyCriterion(task, False, 0.1)
+    loss_ours, _, _ = ours(model, sample)
+    loss_theirs, _, _ = theirs(model, sample)
+    assert tokens * vocab in saved_numels(loss_theirs)  # fairseq keeps the log-probabilities
+    assert tokens * vocab not in saved_numels(loss_ours)
+    assert loss_ours.grad_fn.name() == "_LossRecomputingLogitsBackward"
+
+
+def test_fairseqs_path_where_recomputing_is_not_lossless_or_not_needed(data_bin):
+    task, model, _ = build(data_bin, "--dsq-format", "bfp", "--dsq-schedule", "16,4,4,16",
+                           "--dsq-rounding", "stochastic")
+    model.train()
+    ours = DSQLabelSmoothedCrossEntropyCriterion(task, False, 0.1)
+    sample = batch(task)
+    logits = model(**sample["net_input"])[0]
+    assert not hasattr(logits, SOURCE_ATTR)  # stochastic rounding: not recomputable
+    loss, _, _ = ours(model, sample)
+    assert loss.grad_fn.name() != "_LossRecomputingLogitsBackward"
+    for extra in (("--dsq-packed-stash", "off"), ("--dsq-format", "none")):
+        task, model, _ = build(data_bin, "--dsq-format", "bfp", *extra)
+        model.train()
+        assert not hasattr(model(**sample["net_input"])[0], SOURCE_ATTR)
+    task, model, _ = build(data_bin, "--dsq-format", "bfp", "--dsq-schedule", "16,4,4,16")
+    model.eval()
+    with torch.no_grad():  # validation / inference: nothing is kept
+        loss, _, _ = ours(model, sample)
+        assert not hasattr(model(**sample["net_input"])[0], SOURCE_ATTR)
