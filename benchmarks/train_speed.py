@@ -82,7 +82,10 @@ def train_once(data_bin: Path, work: Path, config: List[str], dims: List[str], u
     cmd = [
         str(BIN / "fairseq-train"), str(data_bin), "--user-dir", str(REPO / "dsq_fairseq"),
         *config, *dims, "--optimizer", "adam", "--lr", "5e-4", "--criterion",
-        "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--dropout", "0.3",
+        # as the scripts train: DSQ with the plugin's criterion (fairseq's numbers, recomputes
+        # the vocabulary GEMM in backward instead of keeping [tokens, vocab] log-probs)
+        "dsq_label_smoothed_cross_entropy" if "dsq_translation" in config
+        else "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--dropout", "0.3",
         "--max-tokens", "4096", "--max-update", str(updates), "--seed", "1", "--cpu",
         "--no-save", "--disable-validation", "--log-format", "simple",
         "--log-interval", str(max(1, updates // 3)), "--save-dir", str(work),

@@ -150,7 +150,7 @@ def test_disabled_and_compile_failure_fall_back(monkeypatch):
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(fast, "_get_compiled", lambda key: broken)
-    key = ("fixed_factors", "cpu")
+    key = ("fixed_factors", "cpu", fast._constants(4, 8))
     with pytest.warns(RuntimeWarning, match="unavailable"):
         assert_bits(fast.fixed_quantize(x, 4), ref.fixed_quantize(x, 4))
     assert fast._compiled.pop(key, "missing") is None  # marked broken: reference from now on

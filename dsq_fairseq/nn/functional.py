@@ -275,6 +275,9 @@ class _DSQMatmulFunction(torch.autograd.Function):
     def forward(ctx, a, b, runtime: DSQRuntime):  # type: ignore[override]
         p = runtime.precision
         gen = runtime.generator(a.device)
+        # attention hands in transposed head views: one contiguous copy each here, instead of
+        # one in every quantizer (Q0) and stash (Q1) that reads them
+        a, b = a.contiguous(), b.contiguous()
         c = _q0_matmul(a, b, runtime)
         _save_stashes(
             ctx, _stash(a, p.q1, -2, runtime, gen), _stash(b, p.q1, -1, runtime, gen)
@@ -287,6 +290,7 @@ class _DSQMatmulFunction(torch.autograd.Function):
         a_stash, b_stash = _load_stashes(ctx)
         runtime, p = ctx.runtime, ctx.precision
         scheme, gen = runtime.scheme, runtime.generator(grad_c.device)
+        grad_c = grad_c.contiguous()  # quantized twice below (along n and along m)
         grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             da = torch.matmul(

@@ -20,7 +20,8 @@ Differences from the references that do not change any value:
   and both clamp to ``[-(2^(e-1)-1), 2^(e-1)-1]`` alike. Int clamps ``amax`` to the largest finite
   fp32 after the reduction, as the reference's ``nan_to_num`` does before it;
 * NaN outputs take the input's NaN bits (vectorized clamp returns all-ones NaNs);
-* ``w``-dependent constants enter as 0-d tensors, so one compiled graph serves every width;
+* ``w``-dependent constants are baked into each graph as Python numbers (one compile per width
+  and exponent-bits pair; 0-d tensor inputs made the kernels ~1.8x slower);
 * bf16/fp16 inputs are converted to fp32 before the graph and the result back after it (the
   references compute in fp32 too): the graphs are fp32-only;
 * stochastic rounding draws ``u`` with exactly the reference's ``torch.rand`` call (same
@@ -35,10 +36,8 @@ one warning and returns the reference result. ``DSQ_FAST=0`` in the environment 
 reference, so short runs of tiny models never compile. ``tests/test_quant_fast.py`` checks every
 path bit for bit against the reference.
 
-Known headroom: the BFP kernel is compute-bound (~0.24 of ``torch.clone`` bandwidth at 4096^2 on
-2 AVX-512 cores). Compiling with the width constants baked in as Python numbers instead of 0-d
-tensor inputs measured ~1.8x faster (39 vs 69 ms), at the price of one compile per (width,
-exponent bits); not done yet.
+Known headroom: the BFP kernels stay compute-bound (per-block exponent arithmetic) rather than
+memory-bound on CPU; see README "Speed" for the measured fractions of ``torch.clone`` bandwidth.
 """
 
 from __future__ import annotations
@@ -49,10 +48,10 @@ import warnings
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validate as v
+from ._blocks import pad_rows
 from .bfp import _exp2_halves, shared_exponent_from_bits
 from .bfp import bfp_quantize as ref_bfp_quantize
 from .fixed import FIXED_EXPONENT_BITS
@@ -70,7 +69,6 @@ _min_numel: int = int(os.environ.get("DSQ_FAST_MIN_NUMEL", str(2 ** 17)))
 _warmup_numel: int = int(os.environ.get("DSQ_FAST_WARMUP_NUMEL", str(2 ** 27)))
 _eager_numel: int = 0  # elements :func:`wanted` has sent to the reference during the warm-up
 _compiled: Dict[Tuple, Optional[Callable]] = {}
-_consts: Dict[Tuple, Tuple[Tensor, ...]] = {}
 
 
 def enabled() -> bool:
@@ -196,32 +194,34 @@ def _int_core(x3, u3, qmax, per_vector: bool):
 
 def _specialise(key: Tuple) -> Callable:
     """A fresh function (own code object, so its own dynamo cache and recompile budget) for
-    ``key``, with the structural constants (reduction axis, granularity) baked in as Python
-    values."""
-    kind = key[0]
+    ``key``, with the structural constants (reduction axis, granularity) and the number-format
+    constants (``key[-1]``: ``(w - 2, 2^(w-1) - 1, 2^(e-1) - 1)``) baked in as Python values:
+    the generated kernel then folds them (measured ~1.8x faster than 0-d tensor inputs, at the
+    price of one compile per width / exponent-bits pair)."""
+    kind, (wm2, qmax, emax) = key[0], key[-1]
     if kind == "bfp_factors":
         axis = key[1]
 
-        def fn(x, wm2, emax):
+        def fn(x):
             return _bfp_factors(x, wm2, emax, axis)
     elif kind == "fixed_factors":
-        def fn(x, wm2, emax):
+        def fn(x):
             return _fixed_factors(x, wm2, emax)
     elif kind == "bfp_fused":  # one graph (stochastic rounding: measured faster than two)
         axis = key[1]
 
-        def fn(x, u, wm2, qmax, emax):
+        def fn(x, u):
             return _pow2_apply(x, u, *_bfp_factors(x, wm2, emax, axis), qmax)
     elif kind == "fixed_fused":
-        def fn(x, u, wm2, qmax, emax):
+        def fn(x, u):
             return _pow2_apply(x, u, *_fixed_factors(x, wm2, emax), qmax)
     elif kind == "pow2_apply":
-        def fn(x, u, up_a, up_b, down_a, down_b, qmax):
+        def fn(x, u, up_a, up_b, down_a, down_b):
             return _pow2_apply(x, u, up_a, up_b, down_a, down_b, qmax)
     else:
         per_vector = key[1]
 
-        def fn(x, u, qmax):
+        def fn(x, u):
             return _int_core(x, u, qmax, per_vector)
     return _named(fn, key)
 
@@ -276,34 +276,28 @@ def _run(key: Tuple, reference: Callable, *args) -> Tensor:
 
 
 def _run_pow2(factors_key: Tuple, reference: Callable, xb: Tensor, ub: Optional[Tensor],
-              dyn: Tuple[int, ...], wm2: Tensor, qmax: Tensor, emax: Tensor) -> Tensor:
+              dyn: Tuple[int, ...]) -> Tensor:
     """BFP / Fixed as two kernels: a reduction writing four factors per block, then one
     elementwise pass. (One fused graph recomputed the per-block exponent arithmetic for every
     element -- int bit casts that don't vectorize -- and ran at up to half the speed; with
-    stochastic rounding the fused graph measured faster, so that one stays fused.)"""
+    stochastic rounding the fused graph measured faster, so that one stays fused.)
+    ``factors_key[-1]``: the format constants (:func:`_constants`)."""
     if ub is not None:
         fused_key = (factors_key[0].replace("_factors", "_fused"), *factors_key[1:])
-        return _run(fused_key, reference, xb, ub, wm2, qmax, emax)
-    factors = _call(factors_key, xb, wm2, emax)
+        return _run(fused_key, reference, xb, ub)
+    factors = _call(factors_key, xb)
     if factors is None:
         return reference()
     dims = tuple(d for d in dyn if factors[0].dim() > d and factors[0].shape[d] != 1)
     factors = [_dynamic(f, dims) for f in factors]
-    out = _call(("pow2_apply", *factors_key, ub is not None), xb, ub, *factors, qmax)
+    out = _call(("pow2_apply", *factors_key[:-1], ub is not None, factors_key[-1]), xb, ub,
+                *factors)
     return reference() if out is None else out
 
 
-def _constants(device: torch.device, width: int, exponent_bits: int) -> Tuple[Tensor, ...]:
-    key = (device.type, device.index, width, exponent_bits)
-    c = _consts.get(key)
-    if c is None:
-        c = (
-            torch.tensor(width - 2, dtype=torch.int32, device=device),
-            torch.tensor(float(2 ** (width - 1) - 1), dtype=torch.float32, device=device),
-            torch.tensor(2 ** (exponent_bits - 1) - 1, dtype=torch.int32, device=device),
-        )
-        _consts[key] = c
-    return c
+def _constants(width: int, exponent_bits: int) -> Tuple[int, float, int]:
+    """``(w - 2, 2^(w-1) - 1, 2^(e-1) - 1)``: the constants a compiled graph bakes in."""
+    return width - 2, float(2 ** (width - 1) - 1), 2 ** (exponent_bits - 1) - 1
 
 
 def _fp32(x: Tensor) -> Tensor:
@@ -359,7 +353,7 @@ def bfp_quantize(
                        dtype=torch.float32)
     x3 = xd.view(p, n, q)
     if pad:  # a short tail block: zero-pad it (zeros don't change a block maximum)
-        x3 = F.pad(x3, (0, 0, 0, pad))
+        x3 = pad_rows(x3, pad)
     if q == 1:  # blocks along the contiguous last dim: rows [M, B]
         xb = x3.view(p * nblocks, block_size)
         ub = None if u is None else u.view(p * nblocks, block_size)
@@ -369,9 +363,8 @@ def bfp_quantize(
         ub = None if u is None else u.view(p, q, nblocks, block_size).permute(0, 2, 3, 1)
         axis, dyn = 2, (0, 1, 3)
     # sizes vary from call to call; the block size stays a compile-time constant
-    wm2, qmax, emax = _constants(xd.device, width, exponent_bits)
-    out = _run_pow2(("bfp_factors", axis, x.device.type), reference, _dynamic(xb, dyn),
-                    _dynamic(ub, dyn), dyn, wm2, qmax, emax)
+    out = _run_pow2(("bfp_factors", axis, x.device.type, _constants(width, exponent_bits)),
+                    reference, _dynamic(xb, dyn), _dynamic(ub, dyn), dyn)
     if pad:
         out = out.view(p, nblocks * block_size, q)[:, :n]
     return out.contiguous().view(x.shape).to(x.dtype)
@@ -401,9 +394,8 @@ def fixed_quantize(
     if stochastic:
         u1 = torch.rand(xd.shape, generator=generator, device=xd.device,
                         dtype=torch.float32).view(-1)
-    wm2, qmax, emax = _constants(xd.device, width, FIXED_EXPONENT_BITS)
-    out = _run_pow2(("fixed_factors", x.device.type), reference, _dynamic(xd.view(-1), (0,)),
-                    _dynamic(u1, (0,)), (0,), wm2, qmax, emax)
+    out = _run_pow2(("fixed_factors", x.device.type, _constants(width, FIXED_EXPONENT_BITS)),
+                    reference, _dynamic(xd.view(-1), (0,)), _dynamic(u1, (0,)), (0,))
     return out.view(x.shape).to(x.dtype)
 
 
@@ -438,7 +430,6 @@ def int_quantize(
         shape = (1,) if (xd.dim() == 0 and per_vector) else xd.shape
         u3 = torch.rand(shape, generator=generator, device=xd.device,
                         dtype=torch.float32).view(p, n, q)
-    key = ("int", per_vector, stochastic, x.device.type)
-    out = _run(key, reference, _dynamic(xd.view(p, n, q), (0, 1, 2)), _dynamic(u3, (0, 1, 2)),
-               _constants(xd.device, width, 8)[1])
+    key = ("int", per_vector, stochastic, x.device.type, _constants(width, 8))
+    out = _run(key, reference, _dynamic(xd.view(p, n, q), (0, 1, 2)), _dynamic(u3, (0, 1, 2)))
     return out.view(x.shape).to(x.dtype)

@@ -28,10 +28,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import fast
+from ._blocks import pad_rows
 from .bfp import _exp2_halves, shared_exponent_from_bits
 from .packing import PackedTensor
 
@@ -82,12 +82,13 @@ def _pow2_scale(e: Tensor, wm2: int) -> Tensor:
     return torch.where(k >= -126, normal, sub)
 
 
-def _specialise(kind: str, axis: int, width: int):
+def _specialise(kind: str, axis: int, width: int, exponent_bits: int):
+    wm2, qmax, emax = fast._constants(width, exponent_bits)  # baked in (see fast._specialise)
     if kind == "factors":
-        def fn(xb, wm2, emax):
+        def fn(xb):
             return _pack_factors(xb, wm2, emax, axis)
     elif kind == "codes":
-        def fn(xg, up_a, up_b, qmax):
+        def fn(xg, up_a, up_b):
             return _pack_codes(xg, up_a, up_b, qmax, width)
     else:
         def fn(data, scale):
@@ -95,11 +96,12 @@ def _specialise(kind: str, axis: int, width: int):
     return fn
 
 
-def _run(kind: str, axis: int, width: int, device: str, *args):
-    key = ("pack", kind, axis, width, device)
+def _run(kind: str, axis: int, width: int, exponent_bits: int, device: str, *args):
+    key = ("pack", kind, axis, width, exponent_bits, device)
     if key not in fast._compiled:
         fast._compiled[key] = torch.compile(
-            fast._named(_specialise(kind, axis, width), key), dynamic=None, fullgraph=True)
+            fast._named(_specialise(kind, axis, width, exponent_bits), key), dynamic=None,
+            fullgraph=True)
     return fast._call(key, *args)
 
 
@@ -129,7 +131,7 @@ def _layout(x: Tensor, dim: int, block_size: int, g: int):
     pad = nblocks * block_size - n
     x3 = x.view(p, n, q)
     if pad:
-        x3 = F.pad(x3, (0, 0, 0, pad))
+        x3 = pad_rows(x3, pad)
     if q == 1:
         return x3.view(p * nblocks, block_size // g, g), 1, (0,), p, n, q, nblocks, pad
     return x3.view(p, nblocks, block_size, q // g, g), 2, (0, 1, 3), p, n, q, nblocks, pad
@@ -146,10 +148,9 @@ def bfp_pack(x: Tensor, width: int, exponent_bits: int = 8, block_size: int = 16
     g = 8 // width
     xd = x.detach().contiguous()
     xg, axis, dyn, p, n, q, nblocks, pad = _layout(xd, dim, block_size, g)
-    wm2, qmax, emax = fast._constants(xd.device, width, exponent_bits)
     dev = xd.device.type
     xb = xg.flatten(-2)  # [M, B] or [P, nblocks, B, Q]: the blocks, for the reduction
-    factors = _run("factors", axis, width, dev, fast._dynamic(xb, dyn), wm2, emax)
+    factors = _run("factors", axis, width, exponent_bits, dev, fast._dynamic(xb, dyn))
     if factors is None:
         return None
     up_a, up_b, e, finite = factors
@@ -157,8 +158,8 @@ def bfp_pack(x: Tensor, width: int, exponent_bits: int = 8, block_size: int = 16
         return None
     up_a, up_b = _per_code(up_a, axis, g), _per_code(up_b, axis, g)
     fdims = tuple(d for d in dyn if up_a.shape[d] != 1)
-    data = _run("codes", axis, width, dev, fast._dynamic(xg, dyn), fast._dynamic(up_a, fdims),
-                fast._dynamic(up_b, fdims), qmax)
+    data = _run("codes", axis, width, exponent_bits, dev, fast._dynamic(xg, dyn),
+                fast._dynamic(up_a, fdims), fast._dynamic(up_b, fdims))
     if data is None:
         return None
     if pad:  # cut the codes of the zero padding out (uint8: cheap), back to the stream order
@@ -203,7 +204,7 @@ def bfp_unpack(packed: PackedTensor) -> Optional[Tensor]:
     # kernel did not vectorize (measured 8x slower than this)
     scale = _per_code(_pow2_scale(e, width - 2), axis, g)
     fdims = tuple(d for d in dyn if scale.shape[d] != 1)
-    out = _run("unpack", axis, width, packed.codes.device.type, fast._dynamic(data, dyn),
+    out = _run("unpack", axis, width, 8, packed.codes.device.type, fast._dynamic(data, dyn),
                fast._dynamic(scale, fdims))
     if out is None:
         return None

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._blocks import pad_rows
 from .bfp import _exp2_halves, shared_exponent_from_bits
 from .integer import int_scale
 
@@ -158,7 +159,10 @@ def byte_table(width: int, device: torch.device, kind: str) -> Tensor:
 
 def _decode_values(codes: Tensor, width: int, n: int) -> Tensor:
     """The ``n`` signed code values of a :func:`pack_bits` stream, as fp32."""
-    if width in (2, 4, 8):
+    if width == 4:  # a byte's two fp32 values read as one int64: one 8-byte gather a byte
+        table = byte_table(width, codes.device, "signed").view(torch.int64).view(-1)
+        return table.index_select(0, codes.int()).view(torch.float32)[:n]
+    if width in (2, 8):
         table = byte_table(width, codes.device, "signed")
         return table.index_select(0, codes.long()).view(-1)[:n]  # faster than table[codes]
     return _decode_signed(unpack_bits(codes, width, n), width)
@@ -176,7 +180,7 @@ def _blocked_view(t: Tensor, dim: int, block_size: int) -> Tuple[Tensor, int, in
     t3 = t.reshape(pre, n, post)
     pad = nblocks * block_size - n
     if pad:
-        t3 = F.pad(t3, (0, 0, 0, pad))
+        t3 = pad_rows(t3, pad)
     return t3.view(pre, nblocks, block_size, post), pre, n, post, nblocks
 
 
@@ -227,13 +231,21 @@ class PackedTensor:
         k = _decode_values(self.codes, self.width, numel)
         if self.kind == "int":
             return k.view(self.shape).mul_(self.scales)
-        k = k.view(self.shape) if self.kind == "pow2" else k  # fixed: the flattened tensor
-        kb, pre, n, post, nblocks = _blocked_view(k, self.dim, self.block_size)
-        y = kb.mul_(_pow2(self.scales.to(torch.int32) - (self.width - 2)))
-        y = y.view(pre, nblocks * self.block_size, post)
-        if nblocks * self.block_size != n:
-            y = y[:, :n]
-        return y.reshape(self.shape).contiguous()
+        scale = _pow2(self.scales.to(torch.int32) - (self.width - 2))
+        if self.kind == "fixed":  # one block: the flattened tensor
+            return k.mul_(scale.view(())).view(self.shape)
+        # in place on the decoded tensor, whole blocks and the short tail block apart (no
+        # zero-padded copy); scale: [pre, nblocks, 1, post]
+        dim = self.dim % len(self.shape)
+        pre = math.prod(self.shape[:dim])
+        n, post, b = self.shape[dim], math.prod(self.shape[dim + 1:]), self.block_size
+        k3 = k.view(pre, n, post)
+        full = n // b
+        if full:
+            k3[:, :full * b].view(pre, full, b, post).mul_(scale[:, :full])
+        if full * b != n:
+            k3[:, full * b:].mul_(scale[:, full])
+        return k.view(self.shape)
 
 
 def _pow2(k: Tensor) -> Optional[Tensor]:
