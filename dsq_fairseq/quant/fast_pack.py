@@ -33,7 +33,7 @@ from torch import Tensor
 from . import fast
 from ._blocks import pad_rows
 from .bfp import _exp2_halves, shared_exponent_from_bits
-from .packing import PackedTensor
+from .packing import PackedTensor, _pow2
 
 __all__ = ["FAST_PACK_WIDTHS", "bfp_pack", "bfp_unpack", "supports"]
 
@@ -72,14 +72,6 @@ def _unpack_codes(data: Tensor, scale: Tensor, width: int) -> Tensor:
     mag = (code & ((1 << (width - 1)) - 1)).to(torch.float32)
     val = torch.where((code >> (width - 1)) != 0, -mag, mag)
     return val * scale
-
-
-def _pow2_scale(e: Tensor, wm2: int) -> Tensor:
-    """``2^(E - wm2)`` (fp32, exact, subnormal included) of int8 ``E``."""
-    k = e.to(torch.int32) - wm2
-    normal = ((k.clamp(min=-126) + 127) << 23).view(torch.float32)
-    sub = ((k.clamp(min=-149) + 253) << 23).view(torch.float32) * 2.0 ** -126
-    return torch.where(k >= -126, normal, sub)
 
 
 def _specialise(kind: str, axis: int, width: int, exponent_bits: int):
@@ -202,7 +194,7 @@ def bfp_unpack(packed: PackedTensor) -> Optional[Tensor]:
         e = packed.scales.view(p, nblocks, 1, q)
     # the per-block scales eagerly (a small tensor): int->float bit casts per element in the
     # kernel did not vectorize (measured 8x slower than this)
-    scale = _per_code(_pow2_scale(e, width - 2), axis, g)
+    scale = _per_code(_pow2(e.to(torch.int32) - (width - 2)), axis, g)
     fdims = tuple(d for d in dyn if scale.shape[d] != 1)
     out = _run("unpack", axis, width, 8, packed.codes.device.type, fast._dynamic(data, dyn),
                fast._dynamic(scale, fdims))

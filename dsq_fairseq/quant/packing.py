@@ -248,12 +248,11 @@ class PackedTensor:
         return k.view(self.shape)
 
 
-def _pow2(k: Tensor) -> Optional[Tensor]:
+def _pow2(k: Tensor) -> Tensor:
     """``2**k`` (fp32, exact) for an int32 tensor ``k`` in ``[-149, 127]``: built from its bit
-    pattern (normal) or as a subnormal ``2**(k + 126) * 2**-126`` (exact: a power of two)."""
+    pattern (normal) or as a subnormal ``2**(k + 126) * 2**-126`` (exact: a power of two). Both
+    are computed on the (small, per-block) tensor and selected: no host sync."""
     normal = ((k.clamp(min=-126) + 127) << 23).view(torch.float32)
-    if bool((k >= -126).all()):
-        return normal
     sub = ((k.clamp(min=-149) + 126 + 127) << 23).view(torch.float32) * 2.0 ** -126
     return torch.where(k >= -126, normal, sub)
 
