@@ -48,6 +48,7 @@ import warnings
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validate as v
@@ -175,6 +176,29 @@ def _bfp_factors(xb, wm2, emax, axis: int):
     return _pow2_factors(_nan_free_abs(xb).amax(dim=axis, keepdim=True), wm2, emax)
 
 
+def _tail_padded_blocks(x, block: int) -> Tensor:
+    """``x`` (``[P, n]``: blocks along the last dim, or ``[P, n, Q]``) zero-padded inside the
+    graph to whole blocks and viewed as ``[P, nblocks, B]`` / ``[P, nblocks, B, Q]``: inductor
+    turns the pad into a masked load of the reduction, so the padded copy is never written."""
+    n = x.shape[1]
+    nblocks = (n + block - 1) // block
+    if x.dim() == 2:
+        return F.pad(x, (0, nblocks * block - n)).view(x.shape[0], nblocks, block)
+    return F.pad(x, (0, 0, 0, nblocks * block - n)).view(x.shape[0], nblocks, block, x.shape[2])
+
+
+def _per_element(f: Tensor, x: Tensor, block: int) -> Tensor:
+    """A per-block factor (``[P, nblocks, 1(, Q)]``) indexed per element of the unpadded ``x``
+    (``[P, n(, Q)]``): a broadcast view, so the elementwise kernel reads the factor of element
+    ``i`` at block ``i // B`` and writes ``x``'s shape directly (no padded output, no slice
+    copy)."""
+    p, nblocks = f.shape[0], f.shape[1]
+    if x.dim() == 2:
+        return f.expand(p, nblocks, block).reshape(p, nblocks * block)[:, : x.shape[1]]
+    q = x.shape[2]
+    return f.expand(p, nblocks, block, q).reshape(p, nblocks * block, q)[:, : x.shape[1]]
+
+
 def _fixed_factors(x1, wm2, emax):
     return _pow2_factors(_nan_free_abs(x1).amax(), wm2, emax)
 
@@ -204,6 +228,17 @@ def _specialise(key: Tuple) -> Callable:
 
         def fn(x):
             return _bfp_factors(x, wm2, emax, axis)
+    elif kind == "bfp_factors_tail":  # key: (kind, block, device, constants)
+        block = key[1]
+
+        def fn(x):
+            return _bfp_factors(_tail_padded_blocks(x, block), wm2, emax, 2)
+    elif kind == "pow2_apply_tail":
+        block = key[1]
+
+        def fn(x, up_a, up_b, down_a, down_b):
+            return _pow2_apply(x, None, *(_per_element(f, x, block)
+                                          for f in (up_a, up_b, down_a, down_b)), qmax)
     elif kind == "fixed_factors":
         def fn(x):
             return _fixed_factors(x, wm2, emax)
@@ -295,6 +330,23 @@ def _run_pow2(factors_key: Tuple, reference: Callable, xb: Tensor, ub: Optional[
     return reference() if out is None else out
 
 
+def _run_tail(x: Tensor, block: int, key_tail: Tuple, reference: Callable) -> Tensor:
+    """BFP with round-to-nearest of ``x`` (``[P, n]`` blocked along the last dim or
+    ``[P, n, Q]`` along ``n``) when ``n`` is not a multiple of ``block``: the two kernels of
+    :func:`_run_pow2`, with the zero padding and the cut back to ``n`` done inside them
+    (:func:`_tail_padded_blocks`, :func:`_per_element`) instead of a padded copy in and a slice
+    copy out (measured ~2x faster on attention-sized tensors). ``key_tail``: ``(device,
+    constants)``."""
+    dims = tuple(range(x.dim()))
+    factors = _call(("bfp_factors_tail", block, *key_tail), _dynamic(x, dims))
+    if factors is None:
+        return reference()
+    fdims = tuple(d for d in (0, 1, 3) if d < factors[0].dim() and factors[0].shape[d] != 1)
+    factors = [_dynamic(f, fdims) for f in factors]
+    out = _call(("pow2_apply_tail", block, *key_tail), _dynamic(x, dims), *factors)
+    return reference() if out is None else out
+
+
 def _constants(width: int, exponent_bits: int) -> Tuple[int, float, int]:
     """``(w - 2, 2^(w-1) - 1, 2^(e-1) - 1)``: the constants a compiled graph bakes in."""
     return width - 2, float(2 ** (width - 1) - 1), 2 ** (exponent_bits - 1) - 1
@@ -352,7 +404,12 @@ def bfp_quantize(
         u = torch.rand((*other, nblocks, block_size), generator=generator, device=xd.device,
                        dtype=torch.float32)
     x3 = xd.view(p, n, q)
-    if pad:  # a short tail block: zero-pad it (zeros don't change a block maximum)
+    if pad and not stochastic:
+        # a short tail block, zero-padded inside the graphs (zeros don't change a block maximum)
+        out = _run_tail(x3 if q > 1 else x3.view(p, n), block_size,
+                        (x.device.type, _constants(width, exponent_bits)), reference)
+        return out.view(x.shape).to(x.dtype)
+    if pad:  # stochastic: u is drawn in the padded layout; pad x to match
         x3 = pad_rows(x3, pad)
     if q == 1:  # blocks along the contiguous last dim: rows [M, B]
         xb = x3.view(p * nblocks, block_size)
