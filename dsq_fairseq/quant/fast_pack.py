@@ -3,35 +3,36 @@
 The reference stash path quantizes (``Q1(x)``, an fp32 tensor), then :func:`.packing.pack`
 re-reads it to recover the exponents and codes (eight eager passes and three host syncs), and
 :meth:`.packing.PackedTensor.unpack` decodes with a table gather and a scaling pass. Here, for
-BFP with round-to-nearest at widths 2, 4 and 8 (``g = 8 / w`` codes a byte):
+BFP with round-to-nearest at widths 2, 4 and 8 (``g = 8 / w`` codes a byte), in compiled kernels:
 
-* :func:`bfp_pack` runs two compiled kernels on ``x`` itself: a block reduction (the quantizer's
-  shared exponent ``E`` and scale factors, as int8 ``E``, plus one "all finite" flag) and an
-  elementwise pass computing the quantizer's integer ``k = clamp(round(x * 2^((w-2)-E)))`` --
-  the same IEEE operations as :func:`.fast.bfp_quantize`, so the same ``k`` -- encoded
-  sign-magnitude (``-0`` keeps its sign) and ``g`` at a time OR-ed into bytes: the
-  :mod:`.packing` stream layout. One host sync (the flag: a NaN/inf has no code, the caller
-  keeps the fp32 tensor).
-* :func:`bfp_unpack` decodes ``k * 2^(E-(w-2))`` (one exact multiplication, as the reference
-  unpack) in one compiled kernel.
+* :func:`bfp_pack`: (1) a block reduction: the quantizer's shared exponent ``E`` (int8) and
+  scale factors per block, plus one "all finite" flag (one host sync: a NaN/inf has no code, the
+  caller keeps the fp32 tensor); (2) an elementwise pass over ``x`` itself writing one uint8
+  code per element: the quantizer's integer ``k = clamp(round(x * 2^((w-2)-E)))`` -- the same
+  IEEE operations as :func:`.fast.bfp_quantize`, so the same ``k`` -- sign-magnitude (``-0``
+  keeps its sign); (3) for ``w < 8`` a join of each ``g`` consecutive codes, read as one
+  little-endian int16/int32, into a byte. Splitting (2) and (3) keeps both passes contiguous and
+  vectorized: one kernel gathering ``g`` strided elements per byte ran ~6x slower.
+* :func:`bfp_unpack`: the inverse: split each byte into ``g`` codes (one int16/int32 per byte,
+  viewed as uint8), then decode ``k * 2^(E-(w-2))`` (one exact multiplication, as the reference
+  unpack) elementwise.
 
-Layout: exactly :func:`.packing.pack`'s (the stream in ``x``'s row-major order; with a short
-tail block along the blocked dim the codes of the zero padding are cut out, a uint8 copy). The
-packed dimension must split into whole bytes: ``B`` and ``n`` (blocks along the contiguous last
-dim) or ``post`` (otherwise) a multiple of ``g``; other shapes return ``None`` and the caller
-uses the reference path. Codes, exponents and unpacked values are bit-identical to the
-reference's (``tests/test_fast_pack.py``).
+Layout: exactly :func:`.packing.pack`'s (the stream in ``x``'s row-major order, the last group of
+8 codes zero-padded). Any shape: a short tail block along the blocked dim is zero-padded inside
+the reduction (masked loads, :func:`.fast._tail_padded_blocks`) and the elementwise passes read
+the block's factor per element (:func:`.fast._per_element`), so no padded copy is made. Codes,
+exponents and unpacked values are bit-identical to the reference's (``tests/test_fast_pack.py``).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import sys
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import fast
-from ._blocks import pad_rows
 from .bfp import _exp2_halves, shared_exponent_from_bits
 from .packing import PackedTensor, _pow2
 
@@ -41,6 +42,9 @@ FAST_PACK_WIDTHS = (2, 4, 8)
 UNPACK_MIN_NUMEL = 2 ** 20
 """Smaller tensors unpack faster through the reference's table gather (a compiled call costs
 ~0.1 ms of guards; measured 0.33 vs 0.24 ms at 390 x 512, 1.6 vs 2.2 ms at 4096 x 512)."""
+
+_JOINED = {2: torch.int32, 4: torch.int16}
+"""Widths below 8: the integer type holding the ``g`` one-byte codes of one packed byte."""
 
 
 def _pack_factors(xb: Tensor, wm2: Tensor, emax: Tensor, axis: int):
@@ -53,80 +57,123 @@ def _pack_factors(xb: Tensor, wm2: Tensor, emax: Tensor, axis: int):
     return up_a, up_b, e.to(torch.int8), finite
 
 
-def _pack_codes(xg: Tensor, up_a: Tensor, up_b: Tensor, qmax: Tensor, width: int) -> Tensor:
-    """Bytes of ``xg [..., g]`` (``g`` consecutive elements of the stream in the last dim): the
-    quantizer's ``k`` (``_pow2_apply``'s first steps, same order), sign-magnitude, ``g`` per byte
-    little-endian."""
-    k = torch.clamp(torch.round(xg * up_a * up_b), -qmax, qmax)
-    mag = k.abs().to(torch.int32)
-    neg = (k.view(torch.int32) < 0).to(torch.int32)  # the sign bit, -0 included
-    code = mag + (neg << (width - 1))
-    shifts = torch.arange(8 // width, dtype=torch.int32, device=xg.device) * width
-    return (code << shifts).sum(-1).to(torch.uint8)  # disjoint bit fields: sum == or
+def _codes(x: Tensor, up_a: Tensor, up_b: Tensor, qmax: Tensor, width: int) -> Tensor:
+    """One uint8 code per element of ``x`` (factors broadcast per block): the quantizer's ``k``
+    (``_pow2_apply``'s first steps, same order) sign-magnitude. ``1 / k < 0`` is
+    ``signbit(k)`` for finite ``k``, ``-0`` included (``1 / -0 = -inf``); ``signbit`` and bit
+    casts did not vectorize (measured ~50x slower)."""
+    k = torch.clamp(torch.round(x * up_a * up_b), -qmax, qmax)
+    neg = (torch.reciprocal(k) < 0).to(torch.int32)
+    return (k.abs().to(torch.int32) + (neg << (width - 1))).to(torch.uint8)
 
 
-def _unpack_codes(data: Tensor, scale: Tensor, width: int) -> Tensor:
-    """``[..., g]`` fp32 values of the bytes ``data [...]``: ``±|k| * scale`` per code."""
-    shifts = torch.arange(8 // width, dtype=torch.int32, device=data.device) * width
-    code = (data.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << width) - 1)
-    mag = (code & ((1 << (width - 1)) - 1)).to(torch.float32)
-    val = torch.where((code >> (width - 1)) != 0, -mag, mag)
-    return val * scale
+def _join(v: Tensor, width: int) -> Tensor:
+    """Bytes of the codes' stream: ``v`` holds the ``g`` one-byte codes of each output byte as
+    one little-endian integer (code ``j`` at bit ``8j``, moved to bit ``j * w``)."""
+    v = v.to(torch.int32)
+    mask = (1 << width) - 1
+    out = v & mask
+    for j in range(1, 8 // width):
+        out = out | ((v >> (j * (8 - width))) & (mask << (j * width)))
+    return out.to(torch.uint8)
 
 
-def _specialise(kind: str, axis: int, width: int, exponent_bits: int):
+def _split(data: Tensor, width: int) -> Tensor:
+    """Inverse of :func:`_join`: per byte, its ``g`` codes as the bytes of one integer."""
+    b = data.to(torch.int32)
+    mask = (1 << width) - 1
+    out = b & mask
+    for j in range(1, 8 // width):
+        out = out | ((b << (j * (8 - width))) & (mask << (8 * j)))
+    return out.to(_JOINED[width])
+
+
+def _decode(codes: Tensor, scale: Tensor, width: int) -> Tensor:
+    """fp32 ``±|k| * scale`` of one-byte sign-magnitude codes (``scale`` broadcast per block)."""
+    c = codes.to(torch.int32)
+    mag = (c & ((1 << (width - 1)) - 1)).to(torch.float32)
+    return torch.where((c >> (width - 1)) != 0, -mag, mag) * scale
+
+
+def _specialise(kind: str, axis: int, width: int, exponent_bits: int, block: int):
+    """The function compiled for ``kind``; ``axis``: 1 (``[M, B]`` blocks), 2
+    (``[P, nblocks, B, Q]``) or 0 (unpadded ``[P, n(, Q)]`` with a short tail block of
+    ``block``)."""
     wm2, qmax, emax = fast._constants(width, exponent_bits)  # baked in (see fast._specialise)
     if kind == "factors":
-        def fn(xb):
-            return _pack_factors(xb, wm2, emax, axis)
+        if axis == 0:
+            def fn(x):
+                return _pack_factors(fast._tail_padded_blocks(x, block), wm2, emax, 2)
+        else:
+            def fn(xb):
+                return _pack_factors(xb, wm2, emax, axis)
     elif kind == "codes":
-        def fn(xg, up_a, up_b):
-            return _pack_codes(xg, up_a, up_b, qmax, width)
-    else:
-        def fn(data, scale):
-            return _unpack_codes(data, scale, width)
+        if axis == 0:
+            def fn(x, up_a, up_b):
+                return _codes(x, fast._per_element(up_a, x, block),
+                              fast._per_element(up_b, x, block), qmax, width)
+        else:
+            def fn(x, up_a, up_b):
+                return _codes(x, up_a, up_b, qmax, width)
+    elif kind == "join":
+        def fn(v):
+            return _join(v, width)
+    elif kind == "split":
+        def fn(data):
+            return _split(data, width)
+    else:  # decode
+        if axis == 0:
+            def fn(codes, scale):
+                return _decode(codes, fast._per_element(scale, codes, block), width)
+        else:
+            def fn(codes, scale):
+                return _decode(codes, scale, width)
     return fn
 
 
-def _run(kind: str, axis: int, width: int, exponent_bits: int, device: str, *args):
-    key = ("pack", kind, axis, width, exponent_bits, device)
+def _run(kind: str, axis: int, width: int, exponent_bits: int, block: int, device: str, *args):
+    key = ("pack", kind, axis, width, exponent_bits, block if axis == 0 else 0, device)
     if key not in fast._compiled:
         fast._compiled[key] = torch.compile(
-            fast._named(_specialise(kind, axis, width, exponent_bits), key), dynamic=None,
-            fullgraph=True)
+            fast._named(_specialise(kind, axis, width, exponent_bits, block), key),
+            dynamic=None, fullgraph=True)
     return fast._call(key, *args)
 
 
-def _per_code(t: Tensor, axis: int, g: int) -> Tensor:
-    """A per-block tensor (``[M, 1]`` or ``[P, nblocks, 1, Q]``) shaped to broadcast over the
-    ``[..., g]`` codes of the byte layout (``[M, 1, 1]`` or ``[P, nblocks, 1, Q/g, g]``)."""
-    if axis == 1:
-        return t.unsqueeze(-1)
-    return t.view(*t.shape[:3], t.shape[3] // g, g)
-
-
 def supports(x: Tensor, width: int, dim: int, block_size: int) -> bool:
-    """Whether :func:`bfp_pack` can pack ``x`` (fp32, width 2/4/8, whole bytes per row)."""
-    if not (fast.enabled() and x.dtype == torch.float32 and width in FAST_PACK_WIDTHS
-            and x.dim() > 0 and x.numel() > 0):
-        return False
-    g = 8 // width
-    p, n, q = fast._pnq(x, dim % x.dim())
-    return (block_size % g == 0 and n % g == 0) if q == 1 else (q % g == 0)
+    """Whether :func:`bfp_pack` can pack ``x`` (fp32, width 2/4/8, not empty or 0-d, a
+    little-endian machine: the join reads codes as little-endian integers)."""
+    return (fast.enabled() and x.dtype == torch.float32 and width in FAST_PACK_WIDTHS
+            and x.dim() > 0 and x.numel() > 0 and sys.byteorder == "little")
 
 
-def _layout(x: Tensor, dim: int, block_size: int, g: int):
-    """``(xb, axis, dyn, p, n, q, nblocks, pad)``: ``x`` zero-padded and viewed as blocks with
-    the last dim split into bytes' worth of ``g`` elements."""
-    p, n, q = fast._pnq(x, dim)
-    nblocks = -(-n // block_size)
-    pad = nblocks * block_size - n
-    x3 = x.view(p, n, q)
-    if pad:
-        x3 = pad_rows(x3, pad)
+def _layout(shape: torch.Size, dim: int, block_size: int) -> Tuple[Tuple[int, ...], int,
+                                                                    Tuple[int, ...]]:
+    """``(view, axis, dynamic dims)`` for the elementwise passes over a tensor of ``shape``
+    blocked along ``dim``: ``[M, B]`` (axis 1), ``[P, nblocks, B, Q]`` (axis 2), or with a short
+    tail block the unpadded ``[P, n]`` / ``[P, n, Q]`` (axis 0)."""
+    p, n, q = fast._pnq(torch.empty(shape, device="meta"), dim)
+    nblocks = n // block_size
+    if nblocks * block_size != n:
+        return ((p, n) if q == 1 else (p, n, q)), 0, ((0, 1) if q == 1 else (0, 1, 2))
     if q == 1:
-        return x3.view(p * nblocks, block_size // g, g), 1, (0,), p, n, q, nblocks, pad
-    return x3.view(p, nblocks, block_size, q // g, g), 2, (0, 1, 3), p, n, q, nblocks, pad
+        return (p * nblocks, block_size), 1, (0,)
+    return (p, nblocks, block_size, q), 2, (0, 1, 3)
+
+
+def _per_block(t: Tensor, shape: torch.Size, dim: int, block_size: int, axis: int) -> Tensor:
+    """A per-block tensor laid out ``[P, nblocks, 1, Q]`` viewed for ``axis``'s layout."""
+    p, n, q = fast._pnq(torch.empty(shape, device="meta"), dim)
+    nblocks = -(-n // block_size)
+    if axis == 1:
+        return t.reshape(p * nblocks, 1)
+    if axis == 2 or q > 1:
+        return t.reshape(p, nblocks, 1, q)
+    return t.reshape(p, nblocks, 1)
+
+
+def _dynamic_factor(t: Tensor, dyn: Tuple[int, ...]) -> Tensor:
+    return fast._dynamic(t, tuple(d for d in dyn if d < t.dim() and t.shape[d] != 1))
 
 
 def bfp_pack(x: Tensor, width: int, exponent_bits: int = 8, block_size: int = 16,
@@ -137,67 +184,66 @@ def bfp_pack(x: Tensor, width: int, exponent_bits: int = 8, block_size: int = 16
     if not supports(x, width, dim, block_size):
         return None
     dim = dim % x.dim()
-    g = 8 // width
     xd = x.detach().contiguous()
-    xg, axis, dyn, p, n, q, nblocks, pad = _layout(xd, dim, block_size, g)
+    view, axis, dyn = _layout(x.shape, dim, block_size)
+    xv = xd.view(view)
     dev = xd.device.type
-    xb = xg.flatten(-2)  # [M, B] or [P, nblocks, B, Q]: the blocks, for the reduction
-    factors = _run("factors", axis, width, exponent_bits, dev, fast._dynamic(xb, dyn))
+    run = lambda kind, *args: _run(kind, axis, width, exponent_bits, block_size, dev, *args)  # noqa: E731
+    factors = run("factors", fast._dynamic(xv, dyn))
     if factors is None:
         return None
     up_a, up_b, e, finite = factors
     if not bool(finite):
         return None
-    up_a, up_b = _per_code(up_a, axis, g), _per_code(up_b, axis, g)
-    fdims = tuple(d for d in dyn if up_a.shape[d] != 1)
-    data = _run("codes", axis, width, exponent_bits, dev, fast._dynamic(xg, dyn),
-                fast._dynamic(up_a, fdims), fast._dynamic(up_b, fdims))
-    if data is None:
+    if axis == 0:  # factors come out [P, nblocks, 1(, Q)]
+        up_a, up_b = (_per_block(f, x.shape, dim, block_size, axis) for f in (up_a, up_b))
+    fdyn = dyn if axis else (0, 1, 3)
+    codes = run("codes", fast._dynamic(xv, dyn), _dynamic_factor(up_a, fdyn),
+                _dynamic_factor(up_b, fdyn))
+    if codes is None:
         return None
-    if pad:  # cut the codes of the zero padding out (uint8: cheap), back to the stream order
-        rows = (nblocks * block_size, n) if axis == 2 else (nblocks * block_size // g, n // g)
-        data = data.view(p, rows[0], -1)[:, :rows[1]]
-    data = data.reshape(-1)
-    total = data.numel() * g
-    tail = -(-total // 8) * width - data.numel()  # the stream's last group is zero-padded
-    if tail:
-        data = torch.cat([data, data.new_zeros(tail)])
-    scales = e.view(p, nblocks, 1, q if axis == 2 else 1)
-    return PackedTensor(data, scales, x.shape, width, "pow2", dim, block_size, fast=True)
+    codes = codes.view(-1)
+    pad = -codes.numel() % 8  # the stream's last group of 8 codes is zero-padded
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad)])
+    if width < 8:
+        codes = run("join", fast._dynamic(codes.view(_JOINED[width]), (0,)))
+        if codes is None:
+            return None
+    p, n, q = fast._pnq(xd, dim)
+    scales = e.view(p, -(-n // block_size), 1, q)
+    return PackedTensor(codes, scales, x.shape, width, "pow2", dim, block_size, fast=True)
 
 
 def bfp_unpack(packed: PackedTensor) -> Optional[Tensor]:
-    """:meth:`PackedTensor.unpack` of a ``pow2`` tensor at width 2/4/8 without a tail block,
-    with whole-byte rows and at least :data:`UNPACK_MIN_NUMEL` elements, in one compiled kernel;
-    ``None`` otherwise (or without a compiler): the reference unpacks it."""
+    """:meth:`PackedTensor.unpack` of a ``pow2`` tensor at width 2/4/8 with at least
+    :data:`UNPACK_MIN_NUMEL` elements, in compiled kernels; ``None`` otherwise (or without a
+    compiler): the reference unpacks it."""
     width, shape = packed.width, packed.shape
+    numel = shape.numel()
     if not (fast.enabled() and packed.kind == "pow2" and width in FAST_PACK_WIDTHS
-            and shape.numel() >= UNPACK_MIN_NUMEL):
+            and numel >= UNPACK_MIN_NUMEL and sys.byteorder == "little"):
         return None
-    g = 8 // width
-    block_size = packed.block_size
-    meta = torch.empty(shape, device="meta")  # sizes only
-    if not supports(meta, width, packed.dim, block_size):
-        return None
-    p, n, q = fast._pnq(meta, packed.dim)
-    nblocks = n // block_size
-    if nblocks * block_size != n:
-        return None  # a short tail block: the codes don't tile blocks; the reference unpacks
-    if q == 1:
-        axis, dyn = 1, (0,)
-        data = packed.codes[: p * nblocks * block_size // g].view(p * nblocks, block_size // g)
-        e = packed.scales.view(p * nblocks, 1)
-    else:
-        axis, dyn = 2, (0, 1, 3)
-        data = packed.codes[: p * nblocks * block_size * q // g].view(p, nblocks, block_size,
-                                                                        q // g)
-        e = packed.scales.view(p, nblocks, 1, q)
+    dim, block_size = packed.dim % len(shape), packed.block_size
+    dev = packed.codes.device.type
+    view, axis, dyn = _layout(shape, dim, block_size)
+    if axis == 1:  # rows [P, n] with a per-element scale view: a 16-byte row per vector
+        # iteration (the [M, B] layout) decoded ~3.5x slower
+        view, axis, dyn = _layout(shape, dim, shape[dim] + 1)[0], 0, (0, 1)
+    run = lambda kind, *args: _run(kind, axis, width, 8, block_size, dev, *args)  # noqa: E731
+    codes = packed.codes
+    if width < 8:
+        codes = run("split", fast._dynamic(codes, (0,)))
+        if codes is None:
+            return None
+        codes = codes.view(torch.uint8)
+    codes = codes[:numel].view(view)
     # the per-block scales eagerly (a small tensor): int->float bit casts per element in the
     # kernel did not vectorize (measured 8x slower than this)
-    scale = _per_code(_pow2(e.to(torch.int32) - (width - 2)), axis, g)
-    fdims = tuple(d for d in dyn if scale.shape[d] != 1)
-    out = _run("unpack", axis, width, 8, packed.codes.device.type, fast._dynamic(data, dyn),
-               fast._dynamic(scale, fdims))
+    scale = _per_block(_pow2(packed.scales.to(torch.int32) - (width - 2)), shape, dim,
+                       block_size, axis)
+    out = run("decode", fast._dynamic(codes, dyn),
+              _dynamic_factor(scale, dyn if axis else (0, 1, 3)))
     if out is None:
         return None
     return out.view(shape)
