@@ -18,8 +18,8 @@ BFP with round-to-nearest at widths 2, 4 and 8 (``g = 8 / w`` codes a byte), in 
   unpack) elementwise.
 
 Layout: exactly :func:`.packing.pack`'s (the stream in ``x``'s row-major order, the last group of
-8 codes zero-padded). Any shape: a short tail block along the blocked dim is zero-padded inside
-the reduction (masked loads, :func:`.fast._tail_padded_blocks`) and the elementwise passes read
+8 codes zero-padded). Any shape: with a short tail block along the blocked dim the whole blocks
+and the tail are reduced in place (:func:`.fast._tail_split`) and the elementwise passes read
 the block's factor per element (:func:`.fast._per_element`), so no padded copy is made. Codes,
 exponents and unpacked values are bit-identical to the reference's (``tests/test_fast_pack.py``).
 """
@@ -47,10 +47,10 @@ _JOINED = {2: torch.int32, 4: torch.int16}
 """Widths below 8: the integer type holding the ``g`` one-byte codes of one packed byte."""
 
 
-def _pack_factors(xb: Tensor, wm2: Tensor, emax: Tensor, axis: int):
-    """Per block: the quantizer's scale-up halves, ``E`` as int8, and whether every element is
-    finite (a NaN or inf makes its block maximum non-finite: ``amax`` propagates NaN)."""
-    amax = xb.abs().amax(dim=axis, keepdim=True)
+def _pack_factors(amax: Tensor, wm2: Tensor, emax: Tensor):
+    """Per block of maximum ``amax`` (of ``|x|``, NaN propagated): the quantizer's scale-up
+    halves, ``E`` as int8, and whether every element is finite (a NaN or inf makes its block
+    maximum non-finite)."""
     finite = torch.isfinite(amax).all()
     e = shared_exponent_from_bits(amax, emax)
     up_a, up_b = _exp2_halves(wm2 - e, torch.float32)
@@ -102,11 +102,11 @@ def _specialise(kind: str, axis: int, width: int, exponent_bits: int, block: int
     wm2, qmax, emax = fast._constants(width, exponent_bits)  # baked in (see fast._specialise)
     if kind == "factors":
         if axis == 0:
-            def fn(x):
-                return _pack_factors(fast._tail_padded_blocks(x, block), wm2, emax, 2)
+            def fn(full, tail):
+                return _pack_factors(fast._split_amax(full, tail, torch.abs), wm2, emax)
         else:
             def fn(xb):
-                return _pack_factors(xb, wm2, emax, axis)
+                return _pack_factors(xb.abs().amax(dim=axis, keepdim=True), wm2, emax)
     elif kind == "codes":
         if axis == 0:
             def fn(x, up_a, up_b):
@@ -189,7 +189,11 @@ def bfp_pack(x: Tensor, width: int, exponent_bits: int = 8, block_size: int = 16
     xv = xd.view(view)
     dev = xd.device.type
     run = lambda kind, *args: _run(kind, axis, width, exponent_bits, block_size, dev, *args)  # noqa: E731
-    factors = run("factors", fast._dynamic(xv, dyn))
+    if axis == 0:
+        full, tail = fast._tail_split(xv, block_size)
+        factors = run("factors", fast._dynamic_full(full), fast._dynamic(tail, dyn))
+    else:
+        factors = run("factors", fast._dynamic(xv, dyn))
     if factors is None:
         return None
     up_a, up_b, e, finite = factors
