@@ -2,9 +2,12 @@
 
 GB/s = (bytes of the input read + bytes of the output written) per call / median time per call;
 ``torch.clone`` of the same tensor moves the same bytes, so ``frac_of_clone`` is the fraction of
-the achievable copy bandwidth a quantizer reaches. Every quantizer runs in its reference (eager,
-:mod:`dsq_fairseq.quant`) and fast (:mod:`dsq_fairseq.quant.fast`) form; all variants are
-interleaved over ``--repeats`` rounds (this machine is noisy) and the median is reported.
+the achievable copy bandwidth a quantizer reaches. The packed stash (``bfp*_pack_dim0``: fp32 in,
+``w``-bit codes out; ``bfp*_unpack_dim0``: the inverse) is reported on the same scale:
+``frac_of_clone`` is the clone's time over its time (it moves fewer bytes than a clone).
+Every quantizer runs in its reference (eager, :mod:`dsq_fairseq.quant`) and fast
+(:mod:`dsq_fairseq.quant.fast`) form; all variants are interleaved over ``--repeats`` rounds
+(this machine is noisy) and the median is reported.
 
     python benchmarks/quantize_speed.py [--shape 4096,4096] [--repeats 7] [--iters 3]
 """
@@ -20,7 +23,27 @@ from typing import Callable, Dict, List
 
 import torch
 
-from dsq_fairseq.quant import bfp_quantize, fast, fixed_quantize, int_quantize
+from dsq_fairseq.quant import bfp_quantize, fast, fast_pack, fixed_quantize, int_quantize
+from dsq_fairseq.quant.packing import PackedTensor, pack
+
+
+def _pack_cases(x: torch.Tensor, width: int) -> Dict[str, Dict[str, Callable]]:
+    """The packed stash (BFP, nearest, blocks along dim 0 as a linear's ``Q1(x)``): quantize and
+    pack (reference: ``pack(bfp_quantize(x))``), and unpack (reference: the table gather)."""
+    packed = fast_pack.bfp_pack(x, width, dim=0)
+    if packed is None:  # no compiler / not fp32: nothing to compare
+        return {}
+    slow = PackedTensor(*packed.tensors(), *packed.meta()[:5])
+    return {
+        f"bfp{width}_pack_dim0": {
+            "eager": lambda x: pack(bfp_quantize(x, width, dim=0), "bfp", width, dim=0),
+            "fast": lambda x: fast_pack.bfp_pack(x, width, dim=0),
+        },
+        f"bfp{width}_unpack_dim0": {
+            "eager": lambda x: slow.unpack(),
+            "fast": lambda x: packed.unpack(),
+        },
+    }
 
 
 def _cases(width: int) -> Dict[str, Dict[str, Callable]]:
@@ -77,7 +100,10 @@ def main(argv: List[str] = None) -> Dict:
     x = x.to(device=args.device, dtype=getattr(torch, args.dtype))
     nbytes = 2 * x.numel() * x.element_size()
     variants: Dict[str, Callable] = {"clone": torch.clone}
-    for case, impls in _cases(args.width).items():
+    cases = _cases(args.width)
+    if x.dtype == torch.float32 and args.width in fast_pack.FAST_PACK_WIDTHS:
+        cases.update(_pack_cases(x, args.width))
+    for case, impls in cases.items():
         for impl, fn in impls.items():
             variants[f"{case}/{impl}"] = fn
     warm: Dict[str, float] = {}
