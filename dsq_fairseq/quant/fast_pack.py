@@ -132,6 +132,8 @@ def _specialise(kind: str, axis: int, width: int, exponent_bits: int, block: int
 
 
 def _run(kind: str, axis: int, width: int, exponent_bits: int, block: int, device: str, *args):
+    if kind in ("join", "split"):  # flat byte streams: one graph serves every layout
+        axis, exponent_bits, block = -1, 8, 0
     key = ("pack", kind, axis, width, exponent_bits, block if axis == 0 else 0, device)
     if key not in fast._compiled:
         fast._compiled[key] = torch.compile(
