@@ -88,7 +88,9 @@ def test_bfp_bit_identical(stochastic):
     for i, (shape, dim) in enumerate(BFP_SHAPES):
         for width, block in ((2, 16), (4, 16), (8, 5), (16, 16), (31, 16)):
             for dtype in DTYPES:
-                for e in (8, 4):
+                # every (width, exponent bits) pair is its own compile: a narrow exponent field
+                # (clamped E) at a short and a long mantissa only, to keep the suite's time
+                for e in ((8, 4) if width in (4, 31) else (8,)):
                     x = nasty(shape, dtype, seed=i)
                     got, want = both("bfp_quantize", x, width, exponent_bits=e, block_size=block,
                                      dim=dim, seed=i if stochastic else None)
