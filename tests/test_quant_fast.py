@@ -86,11 +86,12 @@ BFP_SHAPES = [((7, 37), -1), ((8, 48), -1), ((37, 6), 0), ((3, 20, 5), 1), ((2, 
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_bfp_bit_identical(stochastic):
     for i, (shape, dim) in enumerate(BFP_SHAPES):
-        for width, block in ((2, 16), (4, 16), (8, 5), (16, 16), (31, 16)):
+        # every (width, exponent bits) pair is its own set of compiles: the narrowest and the
+        # widest mantissa, an odd block size, and a narrow exponent field (clamped E) at the
+        # stash width only, to keep the suite's time
+        for width, block in ((2, 16), (4, 16), (8, 5), (31, 16)):
             for dtype in DTYPES:
-                # every (width, exponent bits) pair is its own compile: a narrow exponent field
-                # (clamped E) at a short and a long mantissa only, to keep the suite's time
-                for e in ((8, 4) if width in (4, 31) else (8,)):
+                for e in ((8, 4) if width == 4 else (8,)):
                     x = nasty(shape, dtype, seed=i)
                     got, want = both("bfp_quantize", x, width, exponent_bits=e, block_size=block,
                                      dim=dim, seed=i if stochastic else None)
@@ -114,7 +115,7 @@ def test_int_bit_identical(stochastic):
     cases = [((9, 13), "tensor", -1), ((9, 13), "token", -1), ((9, 13), "channel", 0),
              ((3, 5, 7), "token", 1)]
     for i, (shape, granularity, dim) in enumerate(cases):
-        for width in (2, 4, 8, 16):
+        for width in (2, 4, 16):
             for dtype in DTYPES:
                 x = nasty(shape, dtype, seed=i)
                 got, want = both("int_quantize", x, width, granularity=granularity, dim=dim,
