@@ -186,6 +186,11 @@ def _tail_split(x: Tensor, block: int) -> Tuple[Optional[Tensor], Tensor]:
     return x[:, : full * block].view(x.shape[0], full, block, *x.shape[2:]), tail
 
 
+def _dynamic_factor(t: Tensor, dims: Tuple[int, ...]) -> Tensor:
+    """:func:`_dynamic` for a per-block factor: of ``dims``, those it has and that aren't 1."""
+    return _dynamic(t, tuple(d for d in dims if d < t.dim() and t.shape[d] != 1))
+
+
 def _dynamic_full(full: Optional[Tensor]) -> Optional[Tensor]:
     """:func:`_dynamic` for :func:`_tail_split`'s whole blocks: every size varies but ``B``."""
     return None if full is None else _dynamic(full, (0, 1, 3)[: full.dim() - 1])
@@ -335,8 +340,7 @@ def _run_pow2(factors_key: Tuple, reference: Callable, xb: Tensor, ub: Optional[
     factors = _call(factors_key, xb)
     if factors is None:
         return reference()
-    dims = tuple(d for d in dyn if factors[0].dim() > d and factors[0].shape[d] != 1)
-    factors = [_dynamic(f, dims) for f in factors]
+    factors = [_dynamic_factor(f, dyn) for f in factors]
     out = _call(("pow2_apply", *factors_key[:-1], ub is not None, factors_key[-1]), xb, ub,
                 *factors)
     return reference() if out is None else out
@@ -345,18 +349,17 @@ def _run_pow2(factors_key: Tuple, reference: Callable, xb: Tensor, ub: Optional[
 def _run_tail(x: Tensor, block: int, key_tail: Tuple, reference: Callable) -> Tensor:
     """BFP with round-to-nearest of ``x`` (``[P, n]`` blocked along the last dim or
     ``[P, n, Q]`` along ``n``) when ``n`` is not a multiple of ``block``: the two kernels of
-    :func:`_run_pow2`, with the zero padding and the cut back to ``n`` done inside them
-    (:func:`_tail_split`, :func:`_per_element`) instead of a padded copy in and a slice
-    copy out (measured ~2x faster on attention-sized tensors). ``key_tail``: ``(device,
-    constants)``."""
+    :func:`_run_pow2` on the unpadded ``x``: whole blocks and the tail reduced in place
+    (:func:`_tail_split`) and each element's factor read through :func:`_per_element`, instead
+    of a zero-padded copy in and a slice copy out (measured ~2x faster on attention-sized
+    tensors). ``key_tail``: ``(device, constants)``."""
     dims = tuple(range(x.dim()))
     full, tail = _tail_split(x, block)
     factors = _call(("bfp_factors_tail", block, *key_tail),
                     _dynamic_full(full), _dynamic(tail, dims))
     if factors is None:
         return reference()
-    fdims = tuple(d for d in (0, 1, 3) if d < factors[0].dim() and factors[0].shape[d] != 1)
-    factors = [_dynamic(f, fdims) for f in factors]
+    factors = [_dynamic_factor(f, (0, 1, 3)) for f in factors]
     out = _call(("pow2_apply_tail", block, *key_tail), _dynamic(x, dims), *factors)
     return reference() if out is None else out
 
@@ -372,15 +375,15 @@ def _fp32(x: Tensor) -> Tensor:
     return x.detach().to(torch.float32).contiguous()
 
 
-def _pnq(x: Tensor, dim: int) -> Tuple[int, int, int]:
-    shape = x.shape
+def _pnq(shape: torch.Size, dim: int) -> Tuple[int, int, int]:
+    """``(P, n, Q)``: the sizes before, at and after ``dim`` (``(1, 1, 1)`` for a 0-d shape)."""
     p = 1
     for s in shape[:dim]:
         p *= s
     q = 1
     for s in shape[dim + 1:]:
         q *= s
-    return p, (shape[dim] if x.dim() else 1), q
+    return p, (shape[dim] if len(shape) else 1), q
 
 
 def bfp_quantize(
@@ -408,7 +411,7 @@ def bfp_quantize(
     if width == 32:
         return x
     xd = _fp32(x)
-    p, n, q = _pnq(xd, dim)
+    p, n, q = _pnq(xd.shape, dim)
     nblocks = -(-n // block_size)
     pad = nblocks * block_size - n
     stochastic = rounding == "stochastic"
@@ -419,7 +422,7 @@ def bfp_quantize(
                        dtype=torch.float32)
     x3 = xd.view(p, n, q)
     if pad and not stochastic:
-        # a short tail block, zero-padded inside the graphs (zeros don't change a block maximum)
+        # a short tail block: reduced apart from the whole blocks, no padded copy
         out = _run_tail(x3 if q > 1 else x3.view(p, n), block_size,
                         (x.device.type, _constants(width, exponent_bits)), reference)
         return out.view(x.shape).to(x.dtype)
@@ -494,7 +497,7 @@ def int_quantize(
         return x
     xd = _fp32(x)
     per_vector = granularity != "tensor"
-    p, n, q = _pnq(xd, dim) if per_vector else (1, xd.numel(), 1)
+    p, n, q = _pnq(xd.shape, dim) if per_vector else (1, xd.numel(), 1)
     stochastic = rounding == "stochastic"
     u3 = None
     if stochastic:  # the reference draws in the shape of x (of [1] for a 0-d x per vector)

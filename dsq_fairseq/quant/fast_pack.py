@@ -149,12 +149,11 @@ def supports(x: Tensor, width: int, dim: int, block_size: int) -> bool:
             and x.dim() > 0 and x.numel() > 0 and sys.byteorder == "little")
 
 
-def _layout(shape: torch.Size, dim: int, block_size: int) -> Tuple[Tuple[int, ...], int,
-                                                                    Tuple[int, ...]]:
-    """``(view, axis, dynamic dims)`` for the elementwise passes over a tensor of ``shape``
-    blocked along ``dim``: ``[M, B]`` (axis 1), ``[P, nblocks, B, Q]`` (axis 2), or with a short
-    tail block the unpadded ``[P, n]`` / ``[P, n, Q]`` (axis 0)."""
-    p, n, q = fast._pnq(torch.empty(shape, device="meta"), dim)
+def _layout(p: int, n: int, q: int, block_size: int) -> Tuple[Tuple[int, ...], int,
+                                                               Tuple[int, ...]]:
+    """``(view, axis, dynamic dims)`` for the elementwise passes over ``[P, n, Q]`` blocked
+    along ``n``: ``[M, B]`` (axis 1), ``[P, nblocks, B, Q]`` (axis 2), or with a short tail
+    block the unpadded ``[P, n]`` / ``[P, n, Q]`` (axis 0)."""
     nblocks = n // block_size
     if nblocks * block_size != n:
         return ((p, n) if q == 1 else (p, n, q)), 0, ((0, 1) if q == 1 else (0, 1, 2))
@@ -163,19 +162,14 @@ def _layout(shape: torch.Size, dim: int, block_size: int) -> Tuple[Tuple[int, ..
     return (p, nblocks, block_size, q), 2, (0, 1, 3)
 
 
-def _per_block(t: Tensor, shape: torch.Size, dim: int, block_size: int, axis: int) -> Tensor:
+def _per_block(t: Tensor, p: int, n: int, q: int, block_size: int, axis: int) -> Tensor:
     """A per-block tensor laid out ``[P, nblocks, 1, Q]`` viewed for ``axis``'s layout."""
-    p, n, q = fast._pnq(torch.empty(shape, device="meta"), dim)
     nblocks = -(-n // block_size)
     if axis == 1:
         return t.reshape(p * nblocks, 1)
     if axis == 2 or q > 1:
         return t.reshape(p, nblocks, 1, q)
     return t.reshape(p, nblocks, 1)
-
-
-def _dynamic_factor(t: Tensor, dyn: Tuple[int, ...]) -> Tensor:
-    return fast._dynamic(t, tuple(d for d in dyn if d < t.dim() and t.shape[d] != 1))
 
 
 def bfp_pack(x: Tensor, width: int, exponent_bits: int = 8, block_size: int = 16,
@@ -187,7 +181,8 @@ def bfp_pack(x: Tensor, width: int, exponent_bits: int = 8, block_size: int = 16
         return None
     dim = dim % x.dim()
     xd = x.detach().contiguous()
-    view, axis, dyn = _layout(x.shape, dim, block_size)
+    p, n, q = fast._pnq(x.shape, dim)
+    view, axis, dyn = _layout(p, n, q, block_size)
     xv = xd.view(view)
     dev = xd.device.type
     run = lambda kind, *args: _run(kind, axis, width, exponent_bits, block_size, dev, *args)  # noqa: E731
@@ -202,10 +197,10 @@ def bfp_pack(x: Tensor, width: int, exponent_bits: int = 8, block_size: int = 16
     if not bool(finite):
         return None
     if axis == 0:  # factors come out [P, nblocks, 1(, Q)]
-        up_a, up_b = (_per_block(f, x.shape, dim, block_size, axis) for f in (up_a, up_b))
+        up_a, up_b = (_per_block(f, p, n, q, block_size, axis) for f in (up_a, up_b))
     fdyn = dyn if axis else (0, 1, 3)
-    codes = run("codes", fast._dynamic(xv, dyn), _dynamic_factor(up_a, fdyn),
-                _dynamic_factor(up_b, fdyn))
+    codes = run("codes", fast._dynamic(xv, dyn), fast._dynamic_factor(up_a, fdyn),
+                fast._dynamic_factor(up_b, fdyn))
     if codes is None:
         return None
     codes = codes.view(-1)
@@ -216,7 +211,6 @@ def bfp_pack(x: Tensor, width: int, exponent_bits: int = 8, block_size: int = 16
         codes = run("join", fast._dynamic(codes.view(_JOINED[width]), (0,)))
         if codes is None:
             return None
-    p, n, q = fast._pnq(xd, dim)
     scales = e.view(p, -(-n // block_size), 1, q)
     return PackedTensor(codes, scales, x.shape, width, "pow2", dim, block_size, fast=True)
 
@@ -232,10 +226,11 @@ def bfp_unpack(packed: PackedTensor) -> Optional[Tensor]:
         return None
     dim, block_size = packed.dim % len(shape), packed.block_size
     dev = packed.codes.device.type
-    view, axis, dyn = _layout(shape, dim, block_size)
+    p, n, q = fast._pnq(shape, dim)
+    view, axis, dyn = _layout(p, n, q, block_size)
     if axis == 1:  # rows [P, n] with a per-element scale view: a 16-byte row per vector
         # iteration (the [M, B] layout) decoded ~3.5x slower
-        view, axis, dyn = _layout(shape, dim, shape[dim] + 1)[0], 0, (0, 1)
+        view, axis, dyn = (p, n), 0, (0, 1)
     run = lambda kind, *args: _run(kind, axis, width, 8, block_size, dev, *args)  # noqa: E731
     codes = packed.codes
     if width < 8:
@@ -246,10 +241,10 @@ def bfp_unpack(packed: PackedTensor) -> Optional[Tensor]:
     codes = codes[:numel].view(view)
     # the per-block scales eagerly (a small tensor): int->float bit casts per element in the
     # kernel did not vectorize (measured 8x slower than this)
-    scale = _per_block(_pow2(packed.scales.to(torch.int32) - (width - 2)), shape, dim,
-                       block_size, axis)
+    scale = _per_block(_pow2(packed.scales.to(torch.int32) - (width - 2)), p, n, q, block_size,
+                       axis)
     out = run("decode", fast._dynamic(codes, dyn),
-              _dynamic_factor(scale, dyn if axis else (0, 1, 3)))
+              fast._dynamic_factor(scale, dyn if axis else (0, 1, 3)))
     if out is None:
         return None
     return out.view(shape)
