@@ -11,7 +11,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
-if ! python -c "import fairseq, dsq_fairseq, sacrebleu, sentencepiece, pytest" >/dev/null 2>&1; then
+if ! python -c "import fairseq, dsq_fairseq, sacrebleu, sentencepiece, pytest, xdist" >/dev/null 2>&1; then
   python -m pip install -q --upgrade pip
   # torch first, pinned to the CPU build on disk (a bare `torch` pulls a multi-GB CUDA build);
   # numpy and cython so fairseq's extensions build against this torch (--no-build-isolation).

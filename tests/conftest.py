@@ -14,6 +14,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # several test processes share the cores: one intra-op thread each, not one per core each
+    import torch
+
+    torch.set_num_threads(1)
+
 # 1-layer, 32-dim model so every fairseq command in the tests takes seconds on 2 cores.
 TINY_MODEL_ARGS: List[str] = [
     "--encoder-layers", "1", "--decoder-layers", "1",
