@@ -83,6 +83,26 @@ BFP_SHAPES = [((7, 37), -1), ((8, 48), -1), ((37, 6), 0), ((3, 20, 5), 1), ((2, 
               ((5,), 0), ((), 0)]
 
 
+def test_nan_free_inputs_take_the_flagged_reduction_and_nan_inputs_the_nan_free_one(monkeypatch):
+    """On CPU the factor graphs first reduce plain ``|x|`` with a NaN flag (fast._factors); the
+    NaN-free graph runs only when a block held a NaN. Both must give the reference's bits."""
+    calls = []
+    real_call = fast._call
+    monkeypatch.setattr(fast, "_call", lambda key, *a: calls.append(key[0]) or real_call(key, *a))
+    for has_nan in (False, True):
+        for shape, dim in (((9, 40), -1), ((40, 7), 0), ((64, 32), -1)):
+            x = torch.nan_to_num(nasty(shape, seed=3), nan=1.5)
+            if has_nan:
+                x.view(-1)[x.numel() // 2] = float("nan")
+            calls.clear()
+            for fn, kw in (("bfp_quantize", {"dim": dim}), ("fixed_quantize", {})):
+                assert_bits(*both(fn, x, 4, **kw))
+            flagged = [k for k in calls if k.endswith(fast.FLAG)]
+            nan_free = [k for k in calls if k in ("bfp_factors", "bfp_factors_tail",
+                                                  "fixed_factors")]
+            assert len(flagged) == 2 and len(nan_free) == (2 if has_nan else 0), calls
+
+
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_bfp_bit_identical(stochastic):
     for i, (shape, dim) in enumerate(BFP_SHAPES):

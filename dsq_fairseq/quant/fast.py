@@ -20,6 +20,8 @@ Differences from the references that do not change any value:
   and both clamp to ``[-(2^(e-1)-1), 2^(e-1)-1]`` alike. Int clamps ``amax`` to the largest finite
   fp32 after the reduction, as the reference's ``nan_to_num`` does before it;
 * NaN outputs take the input's NaN bits (vectorized clamp returns all-ones NaNs);
+* on CPU the block maxima are first taken of plain ``|x|`` (NaN propagated) with a flag, and
+  the NaN-free reduction reruns only when some block held a NaN (:func:`_flagged_factors`);
 * ``w``-dependent constants are baked into each graph as Python numbers (one compile per width
   and exponent-bits pair; 0-d tensor inputs made the kernels ~1.8x slower);
 * bf16/fp16 inputs are converted to fp32 before the graph and the result back after it (the
@@ -175,6 +177,37 @@ def _bfp_factors(xb, wm2, emax, axis: int):
     return _pow2_factors(_nan_free_abs(xb).amax(dim=axis, keepdim=True), wm2, emax)
 
 
+FLAG = "+flag"
+"""Suffix of a factor graph's CPU variant (:func:`_flagged_factors`)."""
+
+
+def _flagged_factors(kind: str, args: Tuple, wm2, emax):
+    """The ``kind + FLAG`` variant of a factor graph: block maxima of plain ``|x|`` (NaN
+    propagated) and one more output, ``True`` when any maximum is NaN. Without NaN in ``x``
+    every maximum equals the NaN-free one bit for bit; with one, :func:`_factors` reruns the
+    NaN-free graph. On CPU the per-element compare-and-blend of :func:`_nan_free_abs` took half
+    of the reduction kernel's time (``[131072, 16]`` blocks along the last dim: 1.20 -> 0.59 ms;
+    along dim 0 ~8% less)."""
+    if kind == "bfp_factors_tail":
+        amax = _split_amax(*args[:2], torch.abs)
+    elif kind == "fixed_factors":
+        amax = args[0].abs().amax()
+    else:
+        amax = args[0].abs().amax(dim=args[1], keepdim=True)
+    return (*_pow2_factors(amax, wm2, emax), torch.isnan(amax).any())
+
+
+def _factors(key: Tuple, *args: Tensor) -> Optional[Tuple[Tensor, ...]]:
+    """The factor graph of ``key`` on ``args`` (see :func:`_call`); on CPU its
+    :func:`_flagged_factors` variant first, the NaN-free graph only when a block maximum was NaN.
+    (Not on CUDA, where reading the flag would synchronise the stream.)"""
+    if args[-1].device.type == "cpu":
+        out = _call((key[0] + FLAG, *key[1:]), *args)
+        if out is not None and not out[-1].item():
+            return out[:-1]
+    return _call(key, *args)
+
+
 def _tail_split(x: Tensor, block: int) -> Tuple[Optional[Tensor], Tensor]:
     """Views of ``x`` (``[P, n]``: blocks along the last dim, or ``[P, n, Q]``) with a short tail
     block: the whole blocks ``[P, n // B, B(, Q)]`` (``None`` when ``n < B``) and the tail
@@ -242,7 +275,13 @@ def _specialise(key: Tuple) -> Callable:
     the generated kernel then folds them (measured ~1.8x faster than 0-d tensor inputs, at the
     price of one compile per width / exponent-bits pair)."""
     kind, (wm2, qmax, emax) = key[0], key[-1]
-    if kind == "bfp_factors":
+    if kind.endswith(FLAG):
+        base = kind[: -len(FLAG)]
+        axis = key[1] if base == "bfp_factors" else None
+
+        def fn(*args):
+            return _flagged_factors(base, (*args, axis), wm2, emax)
+    elif kind == "bfp_factors":
         axis = key[1]
 
         def fn(x):
@@ -337,7 +376,7 @@ def _run_pow2(factors_key: Tuple, reference: Callable, xb: Tensor, ub: Optional[
     if ub is not None:
         fused_key = (factors_key[0].replace("_factors", "_fused"), *factors_key[1:])
         return _run(fused_key, reference, xb, ub)
-    factors = _call(factors_key, xb)
+    factors = _factors(factors_key, xb)
     if factors is None:
         return reference()
     factors = [_dynamic_factor(f, dyn) for f in factors]
@@ -355,8 +394,8 @@ def _run_tail(x: Tensor, block: int, key_tail: Tuple, reference: Callable) -> Te
     tensors). ``key_tail``: ``(device, constants)``."""
     dims = tuple(range(x.dim()))
     full, tail = _tail_split(x, block)
-    factors = _call(("bfp_factors_tail", block, *key_tail),
-                    _dynamic_full(full), _dynamic(tail, dims))
+    factors = _factors(("bfp_factors_tail", block, *key_tail),
+                       _dynamic_full(full), _dynamic(tail, dims))
     if factors is None:
         return reference()
     factors = [_dynamic_factor(f, (0, 1, 3)) for f in factors]
