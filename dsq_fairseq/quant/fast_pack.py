@@ -136,9 +136,8 @@ def _run(kind: str, axis: int, width: int, exponent_bits: int, block: int, devic
         axis, exponent_bits, block = -1, 8, 0
     key = ("pack", kind, axis, width, exponent_bits, block if axis == 0 else 0, device)
     if key not in fast._compiled:
-        fast._compiled[key] = torch.compile(
-            fast._named(_specialise(kind, axis, width, exponent_bits, block), key),
-            dynamic=None, fullgraph=True)
+        fast._compiled[key] = fast.compile_fn(
+            fast._named(_specialise(kind, axis, width, exponent_bits, block), key))
     return fast._call(key, *args)
 
 
