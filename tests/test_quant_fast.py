@@ -85,7 +85,8 @@ BFP_SHAPES = [((7, 37), -1), ((8, 48), -1), ((37, 6), 0), ((3, 20, 5), 1), ((2, 
 
 def test_nan_free_inputs_take_the_flagged_reduction_and_nan_inputs_the_nan_free_one(monkeypatch):
     """On CPU the factor graphs first reduce plain ``|x|`` with a NaN flag (fast._factors); the
-    NaN-free graph runs only when a block held a NaN. Both must give the reference's bits."""
+    NaN-free graph runs only when a block held a NaN, and the elementwise pass drops its NaN-bits
+    select only when none did. Both paths must give the reference's bits."""
     calls = []
     real_call = fast._call
     monkeypatch.setattr(fast, "_call", lambda key, *a: calls.append(key[0]) or real_call(key, *a))
@@ -101,6 +102,9 @@ def test_nan_free_inputs_take_the_flagged_reduction_and_nan_inputs_the_nan_free_
             nan_free = [k for k in calls if k in ("bfp_factors", "bfp_factors_tail",
                                                   "fixed_factors")]
             assert len(flagged) == 2 and len(nan_free) == (2 if has_nan else 0), calls
+            applies = [k for k in calls if k.startswith("pow2_apply")]
+            assert len(applies) == 2, calls
+            assert all(k.endswith(fast.NAN_FREE) != has_nan for k in applies), calls
 
 
 @pytest.mark.parametrize("stochastic", [False, True])
