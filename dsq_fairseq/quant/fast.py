@@ -24,7 +24,9 @@ Differences from the references that do not change any value:
   the NaN-free reduction reruns only when some block held a NaN (:func:`_flagged_factors`);
   without one, the elementwise pass leaves out the NaN-bits select (:func:`_pow2_apply`);
 * ``w``-dependent constants are baked into each graph as Python numbers (one compile per width
-  and exponent-bits pair; 0-d tensor inputs made the kernels ~1.8x slower);
+  and exponent-bits pair; 0-d tensor inputs made the kernels ~1.8x slower). Only as operands of
+  ``clamp`` and arithmetic: a baked float used as a ``torch.where`` branch was seen reused
+  across graphs of different widths (dynamo's unspecialized floats), giving wrong results;
 * bf16/fp16 inputs are converted to fp32 before the graph and the result back after it (the
   references compute in fp32 too): the graphs are fp32-only;
 * stochastic rounding draws ``u`` with exactly the reference's ``torch.rand`` call (same
