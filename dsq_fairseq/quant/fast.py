@@ -21,7 +21,7 @@ Differences from the references that do not change any value:
   fp32 after the reduction, as the reference's ``nan_to_num`` does before it;
 * NaN outputs take the input's NaN bits (vectorized clamp returns all-ones NaNs);
 * on CPU the block maxima are first taken of plain ``|x|`` (NaN propagated) with a flag, and
-  the NaN-free reduction reruns only when some block held a NaN (:func:`_flagged_factors`);
+  the NaN-free reduction reruns only when some block held a NaN (:func:`_factor_graph`);
   without one, the elementwise pass leaves out the NaN-bits select (:func:`_pow2_apply`);
 * ``w``-dependent constants are baked into each graph as Python numbers (one compile per width
   and exponent-bits pair; 0-d tensor inputs made the kernels ~1.8x slower). Only as operands of
@@ -180,37 +180,49 @@ def _bfp_factors(xb, wm2, emax, axis: int):
     the contiguous last dim) or ``[P, nblocks, B, Q]`` (``axis=2``); keepdim shapes. All
     reshaping happens outside (views, free): reshapes of symbolic shapes inside the graph were
     seen to cost an extra strided copy."""
-    return _pow2_factors(_nan_free_abs(xb).amax(dim=axis, keepdim=True), wm2, emax)
+    return _pow2_factors(_block_amax("bfp_factors", (xb, axis)), wm2, emax)
 
 
 FLAG = "+flag"
-"""Suffix of a factor graph's CPU variant (:func:`_flagged_factors`)."""
+"""Suffix of a factor graph's CPU variant: maxima of plain ``|x|`` and a NaN flag
+(:func:`_factor_graph`)."""
 NAN_FREE = "+nan_free"
 """Suffix of an elementwise graph's variant for inputs without NaN (:func:`_pow2_apply`)."""
+FACTOR_KINDS = ("bfp_factors", "bfp_factors_tail", "fixed_factors")
 
 
-def _flagged_factors(kind: str, args: Tuple, wm2, emax):
-    """The ``kind + FLAG`` variant of a factor graph: block maxima of plain ``|x|`` (NaN
-    propagated) and one more output, ``True`` when any maximum is NaN. Without NaN in ``x``
-    every maximum equals the NaN-free one bit for bit; with one, :func:`_factors` reruns the
-    NaN-free graph. On CPU the per-element compare-and-blend of :func:`_nan_free_abs` took half
-    of the reduction kernel's time (``[131072, 16]`` blocks along the last dim: 1.20 -> 0.59 ms;
-    along dim 0 ~8% less)."""
+def _block_amax(kind: str, args: Tuple, magnitude: Callable = _nan_free_abs) -> Tensor:
+    """The maxima of ``magnitude(x)`` that the factor graph ``kind`` (:data:`FACTOR_KINDS`)
+    reduces: per block along ``axis`` (``bfp_factors``, ``args = (xb, axis)``), per block of
+    :func:`_tail_split`'s views (``bfp_factors_tail``, ``(full, tail)``) or over the whole tensor
+    (``fixed_factors``, ``(x1,)``)."""
     if kind == "bfp_factors_tail":
-        amax = _split_amax(*args[:2], torch.abs)
-    elif kind == "fixed_factors":
-        amax = args[0].abs().amax()
-    else:
-        amax = args[0].abs().amax(dim=args[1], keepdim=True)
+        return _split_amax(args[0], args[1], magnitude)
+    if kind == "fixed_factors":
+        return magnitude(args[0]).amax()
+    return magnitude(args[0]).amax(dim=args[1], keepdim=True)
+
+
+def _factor_graph(kind: str, args: Tuple, wm2, emax, flagged: bool):
+    """The factor graph ``kind`` (:data:`FACTOR_KINDS`) on ``args``: four factors per block.
+    ``flagged`` (the ``kind + FLAG`` variant): block maxima of plain ``|x|`` (NaN propagated)
+    and one more output, ``True`` when any maximum is NaN. Without NaN in ``x`` every maximum
+    equals the NaN-free one bit for bit; with one, :func:`_factors` reruns the NaN-free graph.
+    On CPU the per-element compare-and-blend of :func:`_nan_free_abs` took half of the
+    reduction kernel's time (``[131072, 16]`` blocks along the last dim: 1.20 -> 0.59 ms; along
+    dim 0 ~8% less)."""
+    if not flagged:
+        return _pow2_factors(_block_amax(kind, args), wm2, emax)
+    amax = _block_amax(kind, args, torch.abs)
     return (*_pow2_factors(amax, wm2, emax), torch.isnan(amax).any())
 
 
 def _factors(key: Tuple, *args: Tensor) -> Tuple[Optional[Tuple[Tensor, ...]], str]:
     """The factor graph of ``key`` on ``args`` (see :func:`_call`; ``None`` if it can't compile)
-    and the suffix of the elementwise graph to use with them: on CPU the
-    :func:`_flagged_factors` variant first, and, when no block maximum was NaN, :data:`NAN_FREE`;
-    else the NaN-free reduction and ``""``. (Not on CUDA, where reading the flag would
-    synchronise the stream.)"""
+    and the suffix of the elementwise graph to use with them: on CPU the ``FLAG`` variant of
+    :func:`_factor_graph` first, and, when no block maximum was NaN, :data:`NAN_FREE`; else the
+    NaN-free reduction and ``""``. (Not on CUDA, where reading the flag would synchronise the
+    stream.)"""
     if args[-1].device.type == "cpu":
         out = _call((key[0] + FLAG, *key[1:]), *args)
         if out is not None and not out[-1].item():
@@ -262,7 +274,7 @@ def _per_element(f: Tensor, x: Tensor, block: int) -> Tensor:
 
 
 def _fixed_factors(x1, wm2, emax):
-    return _pow2_factors(_nan_free_abs(x1).amax(), wm2, emax)
+    return _pow2_factors(_block_amax("fixed_factors", (x1,)), wm2, emax)
 
 
 def _int_core(x3, u3, qmax, per_vector: bool):
@@ -287,29 +299,19 @@ def _specialise(key: Tuple) -> Callable:
     kind, (wm2, qmax, emax) = key[0], key[-1]
     nan_free = kind.endswith(NAN_FREE)
     kind = kind[: -len(NAN_FREE)] if nan_free else kind
-    if kind.endswith(FLAG):
-        base = kind[: -len(FLAG)]
-        axis = key[1] if base == "bfp_factors" else None
+    flagged = kind.endswith(FLAG)
+    kind = kind[: -len(FLAG)] if flagged else kind
+    if kind in FACTOR_KINDS:  # bfp_factors: key[1] is the axis, appended to the args
+        extra = (key[1],) if kind == "bfp_factors" else ()
 
         def fn(*args):
-            return _flagged_factors(base, (*args, axis), wm2, emax)
-    elif kind == "bfp_factors":
-        axis = key[1]
-
-        def fn(x):
-            return _bfp_factors(x, wm2, emax, axis)
-    elif kind == "bfp_factors_tail":  # key: (kind, block, device, constants)
-        def fn(full, tail):
-            return _pow2_factors(_split_amax(full, tail, _nan_free_abs), wm2, emax)
+            return _factor_graph(kind, (*args, *extra), wm2, emax, flagged)
     elif kind == "pow2_apply_tail":
         block = key[1]
 
         def fn(x, up_a, up_b, down_a, down_b):
             return _pow2_apply(x, None, *(_per_element(f, x, block)
                                           for f in (up_a, up_b, down_a, down_b)), qmax, nan_free)
-    elif kind == "fixed_factors":
-        def fn(x):
-            return _fixed_factors(x, wm2, emax)
     elif kind == "bfp_fused":  # one graph (stochastic rounding: measured faster than two)
         axis = key[1]
 
