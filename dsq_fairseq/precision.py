@@ -30,7 +30,7 @@ from typing import List, Optional, Union
 import torch
 
 from dsq_fairseq import quant as _reference  # bfp/fixed/int_quantize: the eager references
-from dsq_fairseq.quant import MX, MX_FORMATS, fast, mx_quantize
+from dsq_fairseq.quant import MX, MX_FORMATS, fast, mx_quantize, native
 
 FULL_PRECISION = 32
 MIN_WIDTH = 2
@@ -246,7 +246,9 @@ class QuantScheme:
         fused fast path (:mod:`dsq_fairseq.quant.fast`, bit-identical to the reference) for
         tensors of at least :func:`~dsq_fairseq.quant.fast.min_numel` elements after a warm-up
         (:func:`~dsq_fairseq.quant.fast.wanted`) unless ``DSQ_FAST=0``; the rest take the
-        reference (short runs of tiny models never compile).
+        reference (short runs of tiny models never compile). BFP round-to-nearest of CPU fp32
+        tensors takes the native C kernel (:mod:`dsq_fairseq.quant.native`) at any size, where
+        this CPU has it: nothing to compile.
         """
         if self.format == "none" or is_full_precision(width):
             return x
@@ -257,7 +259,10 @@ class QuantScheme:
                 f"--dsq-schedule: width {width} is not an MX format; with --dsq-format mx each "
                 f"point is one of {_mx_allowed()}"
             )
-        impl = fast if fast.wanted(x) else _reference
+        if self.format == "bfp" and self.rounding == "nearest" and native.available(x):
+            impl = fast  # its native C kernel: no compile, worth it at any size
+        else:
+            impl = fast if fast.wanted(x) else _reference
         if self.format == "bfp":
             return impl.bfp_quantize(
                 x, width, exponent_bits=self.exponent_bits, block_size=self.block_size, dim=dim,

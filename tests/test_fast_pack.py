@@ -7,14 +7,19 @@ import pytest
 import torch
 from test_quant_fast import nasty
 
-from dsq_fairseq.quant import bfp_quantize, fast, fast_pack
+from dsq_fairseq.quant import bfp_quantize, fast, fast_pack, native
 from dsq_fairseq.quant.packing import PackedTensor, pack
 
 
-@pytest.fixture(autouse=True)
-def _fast_on(monkeypatch):
+@pytest.fixture(autouse=True, params=["native", "compiled"])
+def _fast_on(request, monkeypatch):
+    """Every test with the native CPU kernels (:mod:`.native`, where available) and with the
+    compiled kernels alone."""
     was = fast.enabled()
     fast.set_enabled(True)
+    monkeypatch.setattr(native, "_enabled", request.param == "native")
+    if request.param == "native" and not native.available(torch.ones(1)):
+        pytest.skip("native CPU kernels not available here (no AVX-512 or no C compiler)")
     monkeypatch.setattr(fast_pack, "UNPACK_MIN_NUMEL", 0)  # the compiled unpack at any size
     yield
     fast.set_enabled(was)

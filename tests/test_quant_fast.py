@@ -17,18 +17,23 @@ import torch
 
 from dsq_fairseq import quant as ref
 from dsq_fairseq.precision import QuantScheme
-from dsq_fairseq.quant import fast
+from dsq_fairseq.quant import fast, native
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
             torch.float64: torch.int64}
 
 
-@pytest.fixture(autouse=True)
-def _fast_on():
+@pytest.fixture(autouse=True, params=["native", "compiled"])
+def _fast_on(request, monkeypatch):
+    """Every test twice: with the native CPU kernels (:mod:`.native`, where this CPU has them)
+    and with the ``torch.compile`` paths alone (the CUDA path, and CPUs without AVX-512)."""
     was = fast.enabled()
     fast.set_enabled(True)
-    yield
+    monkeypatch.setattr(native, "_enabled", request.param == "native")
+    if request.param == "native" and not native.available(torch.ones(1)):
+        pytest.skip("native CPU kernels not available here (no AVX-512 or no C compiler)")
+    yield request.param
     fast.set_enabled(was)
 
 
@@ -87,6 +92,7 @@ def test_nan_free_inputs_take_the_flagged_reduction_and_nan_inputs_the_nan_free_
     """On CPU the factor graphs first reduce plain ``|x|`` with a NaN flag (fast._factors); the
     NaN-free graph runs only when a block held a NaN, and the elementwise pass drops its NaN-bits
     select only when none did. Both paths must give the reference's bits."""
+    monkeypatch.setattr(native, "_enabled", False)  # the compiled graphs, not the C kernels
     calls = []
     real_call = fast._call
     monkeypatch.setattr(fast, "_call", lambda key, *a: calls.append(key[0]) or real_call(key, *a))
@@ -184,6 +190,7 @@ def test_disabled_and_compile_failure_fall_back(monkeypatch):
 
 
 def test_quant_scheme_dispatches_by_size(monkeypatch):
+    monkeypatch.setattr(native, "_enabled", False)  # native BFP: any size (test_quant_native)
     used = []
     real = fast.bfp_quantize
     monkeypatch.setattr(fast, "bfp_quantize", lambda *a, **k: used.append(1) or real(*a, **k))

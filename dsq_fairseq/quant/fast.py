@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as v
+from . import native
 from ._blocks import pad_rows
 from .bfp import _exp2_halves, shared_exponent_from_bits
 from .bfp import bfp_quantize as ref_bfp_quantize
@@ -479,10 +480,13 @@ def bfp_quantize(
     if width == 32:
         return x
     xd = _fp32(x)
+    stochastic = rounding == "stochastic"
+    if not stochastic and native.available(xd):  # CPU, AVX-512: one C kernel (.native)
+        out = native.bfp_quantize(xd, width, exponent_bits, block_size, dim)
+        return out.view(x.shape).to(x.dtype)
     p, n, q = _pnq(xd.shape, dim)
     nblocks = -(-n // block_size)
     pad = nblocks * block_size - n
-    stochastic = rounding == "stochastic"
     u = None
     if stochastic:  # the reference's draw: shape [*other dims, nblocks, B] after movedim
         other = [s for i, s in enumerate(xd.shape) if i != dim]

@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import fast
+from . import fast, native
 from .bfp import _exp2_halves, shared_exponent_from_bits
 from .packing import PackedTensor, _pow2
 
@@ -179,6 +179,10 @@ def bfp_pack(x: Tensor, width: int, exponent_bits: int = 8, block_size: int = 16
     if not supports(x, width, dim, block_size):
         return None
     dim = dim % x.dim()
+    if native.available(x) and native.supports_pack(x.shape, width, dim, block_size):
+        out = native.bfp_pack(x, width, exponent_bits, block_size, dim)
+        return None if out is None else PackedTensor(*out, x.shape, width, "pow2", dim,
+                                                     block_size, fast=True)
     xd = x.detach().contiguous()
     p, n, q = fast._pnq(x.shape, dim)
     view, axis, dyn = _layout(p, n, q, block_size)
@@ -220,6 +224,11 @@ def bfp_unpack(packed: PackedTensor) -> Optional[Tensor]:
     compiler): the reference unpacks it."""
     width, shape = packed.width, packed.shape
     numel = shape.numel()
+    if (packed.kind == "pow2" and native.available_for(packed.codes)
+            and native.supports_pack(shape, width, packed.dim % len(shape),
+                                     packed.block_size)):
+        return native.bfp_unpack(packed.codes, packed.scales, shape, width, packed.block_size,
+                                 packed.dim % len(shape))
     if not (fast.enabled() and packed.kind == "pow2" and width in FAST_PACK_WIDTHS
             and numel >= UNPACK_MIN_NUMEL and sys.byteorder == "little"):
         return None

@@ -1,0 +1,422 @@
+/* Native CPU kernels of BFP round-to-nearest quantize, pack and unpack (AVX-512).
+ *
+ * Loaded by dsq_fairseq/quant/native.py (built with -O3 -march=native -fopenmp, no -ffast-math:
+ * IEEE semantics, no flush-to-zero). Every kernel performs the reference's IEEE operations in the
+ * reference's order on every element (dsq_fairseq/quant/bfp.py, packing.py), so the results are
+ * bit-identical; tests/test_quant_native.py checks them against the references.
+ *
+ * Layout: x is [P, n, Q] (row-major, contiguous), blocks of B consecutive elements along n (a
+ * short tail block where B does not divide n). Q == 1: blocks are contiguous ("rows"); Q > 1:
+ * a block is B rows of Q lanes ("cols"), one shared exponent per lane.
+ *
+ * Without AVX-512 the file compiles to dsq_native_vectorized() == 0 only, and Python keeps the
+ * torch.compile paths.
+ */
+#include <stdint.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__)
+#include <immintrin.h>
+
+int dsq_native_vectorized(void) { return 1; }
+
+static inline __mmask16 lane_mask(int64_t len) {
+  return len >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << len) - 1u);
+}
+
+/* Per lane, from a NaN-free block maximum amax >= 0: the shared exponent
+ * E = clamp(field(amax) - 127, -emax, emax) (0 for amax == 0) and the scale-up halves
+ * 2^(lo), 2^(hi), lo = floor(k / 2), hi = k - lo, k = (w - 2) - E, and their reciprocals
+ * (fast._pow2_factors / bfp._exp2_halves). */
+typedef struct {
+  __m512 up_a, up_b, down_a, down_b;
+  __m512i e;
+} factors_t;
+
+static inline factors_t pow2_factors(__m512 amax, int wm2, int emax) {
+  factors_t f;
+  const __m512i bits = _mm512_castps_si512(amax);
+  __m512i e = _mm512_sub_epi32(_mm512_srai_epi32(bits, 23), _mm512_set1_epi32(127));
+  e = _mm512_max_epi32(_mm512_min_epi32(e, _mm512_set1_epi32(emax)), _mm512_set1_epi32(-emax));
+  e = _mm512_mask_mov_epi32(e, _mm512_cmpeq_epi32_mask(bits, _mm512_setzero_si512()),
+                            _mm512_setzero_si512());
+  const __m512i k = _mm512_sub_epi32(_mm512_set1_epi32(wm2), e);
+  const __m512i lo = _mm512_srai_epi32(k, 1);
+  const __m512i hi = _mm512_sub_epi32(k, lo);
+  const __m512i bias = _mm512_set1_epi32(127);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  f.up_a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(lo, bias), 23));
+  f.up_b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(hi, bias), 23));
+  f.down_a = _mm512_div_ps(one, f.up_a); /* exact: powers of two */
+  f.down_b = _mm512_div_ps(one, f.up_b);
+  f.e = e;
+  return f;
+}
+
+/* Lane i of the result: factor vector lane i broadcast. */
+static inline __m512 lane(const float* v, int i) { return _mm512_set1_ps(v[i]); }
+
+/* round-to-nearest-even(x * up_a * up_b) clamped to [-qmax, qmax]; NaN stays NaN (max/min
+ * return their second operand when either is NaN, as torch.clamp propagates it). */
+static inline __m512 scaled_int(__m512 x, __m512 up_a, __m512 up_b, __m512 qmax) {
+  __m512 y = _mm512_mul_ps(_mm512_mul_ps(x, up_a), up_b);
+  y = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 nqmax = _mm512_sub_ps(_mm512_setzero_ps(), qmax);
+  return _mm512_min_ps(qmax, _mm512_max_ps(nqmax, y));
+}
+
+static inline __m512 quantize(__m512 x, __m512 up_a, __m512 up_b, __m512 down_a, __m512 down_b,
+                              __m512 qmax) {
+  return _mm512_mul_ps(_mm512_mul_ps(scaled_int(x, up_a, up_b, qmax), down_a), down_b);
+}
+
+/* NaN-free |x| (NaN -> 0: max returns its second operand for a NaN first one). */
+static inline __m512 mag(__m512 v) { return _mm512_max_ps(_mm512_abs_ps(v), _mm512_setzero_ps()); }
+
+/* Lanes that hold NaN or +-inf. */
+static inline __mmask16 nonfinite(__m512 v) {
+  return _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(3.40282347e38f), _CMP_NLE_UQ);
+}
+
+/* 16 blocks of 16 contiguous floats at xb: lane i = NaN-free max |x| of block i. */
+static inline __m512 max16x16(const float* xb) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i) {
+    const __m512 v0 = mag(_mm512_loadu_ps(xb + 32 * i));
+    const __m512 v1 = mag(_mm512_loadu_ps(xb + 32 * i + 16));
+    a[i] = _mm512_max_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));
+  }
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_max_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_max_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  return _mm512_max_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
+                       _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+/* NaN-free max |x| over `len` contiguous floats (as a broadcast vector), and whether any
+ * is NaN/inf (*bad). */
+static inline __m512 block_max(const float* xb, int64_t len, int* bad) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < len; c += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(lane_mask(len - c), xb + c);
+    if (bad) *bad |= nonfinite(v) != 0;
+    acc = _mm512_max_ps(mag(v), acc);
+  }
+  return _mm512_set1_ps(_mm512_reduce_max_ps(acc));
+}
+
+typedef struct {
+  float up_a[16], up_b[16], down_a[16], down_b[16];
+} lanes_t;
+
+static inline void store_factors(const factors_t* f, lanes_t* l) {
+  _mm512_storeu_ps(l->up_a, f->up_a);
+  _mm512_storeu_ps(l->up_b, f->up_b);
+  _mm512_storeu_ps(l->down_a, f->down_a);
+  _mm512_storeu_ps(l->down_b, f->down_b);
+}
+
+#define PAR_MIN 32768 /* elements below which a kernel runs on one thread */
+
+/* ---------------------------------------------------------------------------------------- */
+/* quantize                                                                                   */
+
+static void quantize_rows16(const float* x, float* out, int64_t nblocks, int wm2, float qmaxf,
+                            int emax, int nthreads) {
+  const int64_t ntiles = nblocks / 16;
+  const __m512 qmax = _mm512_set1_ps(qmaxf);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (ntiles * 256 > PAR_MIN)
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const float* xb = x + t * 256;
+    float* ob = out + t * 256;
+    const factors_t f = pow2_factors(max16x16(xb), wm2, emax);
+    lanes_t l;
+    store_factors(&f, &l);
+    for (int i = 0; i < 16; ++i)
+      _mm512_storeu_ps(ob + 16 * i, quantize(_mm512_loadu_ps(xb + 16 * i), lane(l.up_a, i),
+                                             lane(l.up_b, i), lane(l.down_a, i),
+                                             lane(l.down_b, i), qmax));
+  }
+  for (int64_t b = ntiles * 16; b < nblocks; ++b) {
+    const factors_t f = pow2_factors(block_max(x + 16 * b, 16, 0), wm2, emax);
+    _mm512_storeu_ps(out + 16 * b, quantize(_mm512_loadu_ps(x + 16 * b), f.up_a, f.up_b,
+                                            f.down_a, f.down_b, qmax));
+  }
+}
+
+static void quantize_rows(const float* x, float* out, int64_t P, int64_t n, int64_t B, int wm2,
+                          float qmaxf, int emax, int nthreads) {
+  const int64_t nb = (n + B - 1) / B;
+  const __m512 qmax = _mm512_set1_ps(qmaxf);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (P * n > PAR_MIN)
+  for (int64_t t = 0; t < P * nb; ++t) {
+    const int64_t p = t / nb, s = (t - p * nb) * B;
+    const int64_t len = n - s < B ? n - s : B;
+    const float* xb = x + p * n + s;
+    float* ob = out + p * n + s;
+    const factors_t f = pow2_factors(block_max(xb, len, 0), wm2, emax);
+    for (int64_t c = 0; c < len; c += 16) {
+      const __mmask16 m = lane_mask(len - c);
+      _mm512_mask_storeu_ps(ob + c, m, quantize(_mm512_maskz_loadu_ps(m, xb + c), f.up_a,
+                                                f.up_b, f.down_a, f.down_b, qmax));
+    }
+  }
+}
+
+static void quantize_cols(const float* x, float* out, int64_t P, int64_t n, int64_t Q, int64_t B,
+                          int wm2, float qmaxf, int emax, int nthreads) {
+  const int64_t nb = (n + B - 1) / B;
+  const __m512 qmax = _mm512_set1_ps(qmaxf);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (P * n * Q > PAR_MIN)
+  for (int64_t t = 0; t < P * nb; ++t) {
+    const int64_t p = t / nb, s = (t - p * nb) * B;
+    const int64_t len = n - s < B ? n - s : B;
+    const float* xb = x + (p * n + s) * Q;
+    float* ob = out + (p * n + s) * Q;
+    for (int64_t c = 0; c < Q; c += 16) {
+      const __mmask16 m = lane_mask(Q - c);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < len; ++i)
+        acc = _mm512_max_ps(mag(_mm512_maskz_loadu_ps(m, xb + i * Q + c)), acc);
+      const factors_t f = pow2_factors(acc, wm2, emax);
+      for (int64_t i = 0; i < len; ++i)
+        _mm512_mask_storeu_ps(ob + i * Q + c, m,
+                              quantize(_mm512_maskz_loadu_ps(m, xb + i * Q + c), f.up_a, f.up_b,
+                                       f.down_a, f.down_b, qmax));
+    }
+  }
+}
+
+/* bfp_quantize(x, w, e, B, dim, "nearest") of fp32 x viewed [P, n, Q] into out (same layout).
+ * wm2 = w - 2, qmax = 2^(w-1) - 1, emax = 2^(e-1) - 1. */
+void dsq_bfp_quantize(const float* x, float* out, int64_t P, int64_t n, int64_t Q, int64_t B,
+                      int wm2, float qmax, int emax, int nthreads) {
+  if (Q > 1)
+    quantize_cols(x, out, P, n, Q, B, wm2, qmax, emax, nthreads);
+  else if (B == 16 && n % 16 == 0)
+    quantize_rows16(x, out, P * (n / 16), wm2, qmax, emax, nthreads);
+  else
+    quantize_rows(x, out, P, n, B, wm2, qmax, emax, nthreads);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* pack / unpack: codes |k| + sign(k) << (w-1), g = 8 / w per byte, code j of a byte at bit
+ * j * w, in x's row-major order (packing.pack_bits); exponents int8 [P, nblocks, Q].           */
+
+/* 16 one-byte codes -> their 16 / g bytes (low bytes of the result). */
+static inline __m128i join_codes(__m128i c, int w) {
+  if (w == 8) return c;
+  if (w == 4) {
+    const __m128i r = _mm_or_si128(_mm_and_si128(c, _mm_set1_epi16(0x0F)),
+                                   _mm_and_si128(_mm_srli_epi16(c, 4), _mm_set1_epi16(0xF0)));
+    return _mm_packus_epi16(r, r);
+  }
+  __m128i r = _mm_and_si128(c, _mm_set1_epi32(0x03));
+  r = _mm_or_si128(r, _mm_and_si128(_mm_srli_epi32(c, 6), _mm_set1_epi32(0x0C)));
+  r = _mm_or_si128(r, _mm_and_si128(_mm_srli_epi32(c, 12), _mm_set1_epi32(0x30)));
+  r = _mm_or_si128(r, _mm_and_si128(_mm_srli_epi32(c, 18), _mm_set1_epi32(0xC0)));
+  return _mm_cvtepi32_epi8(r);
+}
+
+/* Inverse of join_codes: 16 / g bytes (low bytes of b) -> 16 one-byte codes. */
+static inline __m128i split_codes(__m128i b, int w) {
+  if (w == 8) return b;
+  if (w == 4) {
+    const __m128i m = _mm_set1_epi8(0x0F);
+    return _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+  }
+  const __m128i m = _mm_set1_epi8(0x03);
+  const __m128i c0 = _mm_and_si128(b, m), c1 = _mm_and_si128(_mm_srli_epi16(b, 2), m);
+  const __m128i c2 = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+  const __m128i c3 = _mm_and_si128(_mm_srli_epi16(b, 6), m);
+  return _mm_unpacklo_epi16(_mm_unpacklo_epi8(c0, c1), _mm_unpacklo_epi8(c2, c3));
+}
+
+static inline __mmask16 byte_mask(int64_t ncodes, int w) { return lane_mask(ncodes * w / 8); }
+
+/* The codes of up to 16 elements (ncodes, a multiple of 8 / w) stored at stream position pos. */
+static inline void store_codes(uint8_t* codes, int64_t pos, int64_t ncodes, __m512 x,
+                               __m512 up_a, __m512 up_b, __m512 qmax, int w) {
+  const __m512 k = scaled_int(x, up_a, up_b, qmax);
+  const __m512i mag_k = _mm512_abs_epi32(_mm512_cvtps_epi32(k));
+  const __m512i sign = _mm512_srli_epi32(_mm512_castps_si512(k), 31);
+  const __m128i c = _mm512_cvtepi32_epi8(_mm512_or_si512(mag_k, _mm512_slli_epi32(sign, w - 1)));
+  _mm_mask_storeu_epi8(codes + pos * w / 8, byte_mask(ncodes, w), join_codes(c, w));
+}
+
+/* fp32 +-|k| * scale of up to 16 codes at stream position pos (ncodes a multiple of 8 / w). */
+static inline __m512 load_values(const uint8_t* codes, int64_t pos, int64_t ncodes, __m512 scale,
+                                 int w) {
+  const __m128i b = _mm_maskz_loadu_epi8(byte_mask(ncodes, w), codes + pos * w / 8);
+  const __m512i c = _mm512_cvtepu8_epi32(split_codes(b, w));
+  const __m512 m = _mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32((1 << (w - 1)) - 1)));
+  const __mmask16 neg = _mm512_test_epi32_mask(c, _mm512_set1_epi32(1 << (w - 1)));
+  const __m512 v = _mm512_mask_xor_ps(m, neg, m, _mm512_set1_ps(-0.0f));
+  return _mm512_mul_ps(v, scale);
+}
+
+/* 2^(E - (w-2)) per lane of int8 exponents (packing._pow2: normal, or subnormal as
+ * 2^(k+126) * 2^-126). */
+static inline __m512 pow2_scale(__m512i e, int wm2) {
+  const __m512i k = _mm512_sub_epi32(e, _mm512_set1_epi32(wm2));
+  const __m512i bias = _mm512_set1_epi32(127);
+  const __m512 normal = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_max_epi32(k, _mm512_set1_epi32(-126)), bias), 23));
+  const __m512 sub = _mm512_mul_ps(
+      _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_add_epi32(_mm512_max_epi32(k, _mm512_set1_epi32(-149)), _mm512_set1_epi32(253)),
+          23)),
+      _mm512_set1_ps(1.1754943508222875e-38f));
+  return _mm512_mask_blend_ps(_mm512_cmpge_epi32_mask(k, _mm512_set1_epi32(-126)), sub, normal);
+}
+
+static int pack_rows16(const float* x, uint8_t* codes, int8_t* exps, int64_t nblocks, int w,
+                       float qmaxf, int emax, int nthreads) {
+  const int64_t ntiles = nblocks / 16;
+  const __m512 qmax = _mm512_set1_ps(qmaxf);
+  int bad = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : bad) \
+    if (ntiles * 256 > PAR_MIN)
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const float* xb = x + t * 256;
+    __mmask16 nf = 0;
+    for (int i = 0; i < 16; ++i) nf |= nonfinite(_mm512_loadu_ps(xb + 16 * i));
+    bad |= nf != 0;
+    const factors_t f = pow2_factors(max16x16(xb), w - 2, emax);
+    _mm_storeu_si128((__m128i*)(exps + 16 * t), _mm512_cvtepi32_epi8(f.e));
+    lanes_t l;
+    store_factors(&f, &l);
+    for (int i = 0; i < 16; ++i)
+      store_codes(codes, t * 256 + 16 * i, 16, _mm512_loadu_ps(xb + 16 * i), lane(l.up_a, i),
+                  lane(l.up_b, i), qmax, w);
+  }
+  for (int64_t b = ntiles * 16; b < nblocks; ++b) {
+    const factors_t f = pow2_factors(block_max(x + 16 * b, 16, &bad), w - 2, emax);
+    exps[b] = (int8_t)_mm_cvtsi128_si32(_mm512_cvtepi32_epi8(f.e));
+    store_codes(codes, 16 * b, 16, _mm512_loadu_ps(x + 16 * b), f.up_a, f.up_b, qmax, w);
+  }
+  return !bad;
+}
+
+static int pack_rows(const float* x, uint8_t* codes, int8_t* exps, int64_t P, int64_t n,
+                     int64_t B, int w, float qmaxf, int emax, int nthreads) {
+  const int64_t nb = (n + B - 1) / B;
+  const __m512 qmax = _mm512_set1_ps(qmaxf);
+  int bad = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : bad) \
+    if (P * n > PAR_MIN)
+  for (int64_t t = 0; t < P * nb; ++t) {
+    const int64_t p = t / nb, s = (t - p * nb) * B;
+    const int64_t len = n - s < B ? n - s : B;
+    const float* xb = x + p * n + s;
+    const factors_t f = pow2_factors(block_max(xb, len, &bad), w - 2, emax);
+    exps[t] = (int8_t)_mm_cvtsi128_si32(_mm512_cvtepi32_epi8(f.e));
+    for (int64_t c = 0; c < len; c += 16) {
+      const int64_t r = len - c < 16 ? len - c : 16;
+      store_codes(codes, p * n + s + c, r, _mm512_maskz_loadu_ps(lane_mask(r), xb + c), f.up_a,
+                  f.up_b, qmax, w);
+    }
+  }
+  return !bad;
+}
+
+static int pack_cols(const float* x, uint8_t* codes, int8_t* exps, int64_t P, int64_t n, int64_t Q,
+                     int64_t B, int w, float qmaxf, int emax, int nthreads) {
+  const int64_t nb = (n + B - 1) / B;
+  const __m512 qmax = _mm512_set1_ps(qmaxf);
+  int bad = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : bad) \
+    if (P * n * Q > PAR_MIN)
+  for (int64_t t = 0; t < P * nb; ++t) {
+    const int64_t p = t / nb, s = (t - p * nb) * B;
+    const int64_t len = n - s < B ? n - s : B;
+    const float* xb = x + (p * n + s) * Q;
+    for (int64_t c = 0; c < Q; c += 16) {
+      const int64_t r = Q - c < 16 ? Q - c : 16;
+      const __mmask16 m = lane_mask(r);
+      __m512 acc = _mm512_setzero_ps();
+      __mmask16 nf = 0;
+      for (int64_t i = 0; i < len; ++i) {
+        const __m512 v = _mm512_maskz_loadu_ps(m, xb + i * Q + c);
+        nf |= nonfinite(v);
+        acc = _mm512_max_ps(mag(v), acc);
+      }
+      bad |= nf != 0;
+      const factors_t f = pow2_factors(acc, w - 2, emax);
+      _mm_mask_storeu_epi8(exps + t * Q + c, m, _mm512_cvtepi32_epi8(f.e));
+      for (int64_t i = 0; i < len; ++i)
+        store_codes(codes, (p * n + s + i) * Q + c, r, _mm512_maskz_loadu_ps(m, xb + i * Q + c),
+                    f.up_a, f.up_b, qmax, w);
+    }
+  }
+  return !bad;
+}
+
+/* packing.pack(bfp_quantize(x, w, e, B, dim), ...) of fp32 x viewed [P, n, Q], w in {2, 4, 8}:
+ * codes (numel * w / 8 bytes; the caller zeroes any padding after them) and exponents
+ * ([P, nblocks, Q] int8). Needs Q % (8 / w) == 0 when Q > 1, else n % (8 / w) == 0 (every
+ * block then starts on a byte). Returns 0 (outputs undefined) when x holds a NaN or inf. */
+int dsq_bfp_pack(const float* x, uint8_t* codes, int8_t* exps, int64_t P, int64_t n, int64_t Q,
+                 int64_t B, int w, float qmax, int emax, int nthreads) {
+  if (Q > 1) return pack_cols(x, codes, exps, P, n, Q, B, w, qmax, emax, nthreads);
+  if (B == 16 && n % 16 == 0)
+    return pack_rows16(x, codes, exps, P * (n / 16), w, qmax, emax, nthreads);
+  return pack_rows(x, codes, exps, P, n, B, w, qmax, emax, nthreads);
+}
+
+/* PackedTensor.unpack of dsq_bfp_pack's output (same layout rules) into fp32 out. */
+void dsq_bfp_unpack(const uint8_t* codes, const int8_t* exps, float* out, int64_t P, int64_t n,
+                    int64_t Q, int64_t B, int w, int nthreads) {
+  const int64_t nb = (n + B - 1) / B;
+  if (Q > 1) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (P * n * Q > PAR_MIN)
+    for (int64_t t = 0; t < P * nb; ++t) {
+      const int64_t p = t / nb, s = (t - p * nb) * B;
+      const int64_t len = n - s < B ? n - s : B;
+      for (int64_t c = 0; c < Q; c += 16) {
+        const int64_t r = Q - c < 16 ? Q - c : 16;
+        const __mmask16 m = lane_mask(r);
+        const __m512 scale = pow2_scale(
+            _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, exps + t * Q + c)), w - 2);
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t pos = (p * n + s + i) * Q + c;
+          _mm512_mask_storeu_ps(out + pos, m, load_values(codes, pos, r, scale, w));
+        }
+      }
+    }
+    return;
+  }
+  if (B == 16 && n % 16 == 0) {
+    const int64_t nblocks = P * (n / 16), ntiles = nblocks / 16;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nblocks * 16 > PAR_MIN)
+    for (int64_t t = 0; t < (nblocks + 15) / 16; ++t) {
+      const int64_t nblk = t < ntiles ? 16 : nblocks - 16 * ntiles;
+      float sc[16];
+      _mm512_storeu_ps(sc, pow2_scale(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(
+                                          lane_mask(nblk), exps + 16 * t)), w - 2));
+      for (int64_t i = 0; i < nblk; ++i) {
+        const int64_t pos = t * 256 + 16 * i;
+        _mm512_storeu_ps(out + pos, load_values(codes, pos, 16, lane(sc, (int)i), w));
+      }
+    }
+    return;
+  }
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (P * n > PAR_MIN)
+  for (int64_t t = 0; t < P * nb; ++t) {
+    const int64_t p = t / nb, s = (t - p * nb) * B;
+    const int64_t len = n - s < B ? n - s : B;
+    const __m512 scale = pow2_scale(_mm512_set1_epi32(exps[t]), w - 2);
+    for (int64_t c = 0; c < len; c += 16) {
+      const int64_t r = len - c < 16 ? len - c : 16;
+      const int64_t pos = p * n + s + c;
+      _mm512_mask_storeu_ps(out + pos, lane_mask(r), load_values(codes, pos, r, scale, w));
+    }
+  }
+}
+
+#else
+int dsq_native_vectorized(void) { return 0; }
+#endif

@@ -1,0 +1,138 @@
+"""The native CPU kernels (:mod:`dsq_fairseq.quant.native`) against the eager references, bit for
+bit: every layout branch of the C code (16 contiguous blocks at a time, single contiguous blocks
+with short tails and other block sizes, blocks along an outer dim with a partial vector of lanes),
+serial and OpenMP-parallel sizes, every width class, narrow exponent fields (clamped E), NaN
+payloads, +-inf, subnormals, -0 and all-zero blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_quant_fast import assert_bits, nasty
+
+from dsq_fairseq import quant as ref
+from dsq_fairseq.precision import QuantScheme
+from dsq_fairseq.quant import fast, fast_pack, native
+from dsq_fairseq.quant.bfp import shared_exponent
+from dsq_fairseq.quant.packing import PackedTensor, _blocked_view, pack
+
+pytestmark = pytest.mark.skipif(
+    not native.available(torch.ones(1)), reason="native CPU kernels need AVX-512 and a C compiler"
+)
+
+# (shape, dim, block): rows of 16 (whole tiles of 16 blocks, plus a partial tile), rows with a
+# short tail block and other block sizes (one vector per block, masked; blocks longer than 16),
+# blocks along an outer dim with Q not a multiple of 16 and a tail block, 0-d and 1-d tensors,
+# and sizes above the kernels' 32768-element threshold (OpenMP-parallel loops)
+LAYOUTS = [((40, 64), -1, 16), ((7, 48), -1, 16), ((9, 37), -1, 16), ((6, 40), -1, 8),
+           ((5, 70), -1, 32), ((4, 12), -1, 5), ((37, 6), 0, 16), ((3, 20, 21), 1, 16),
+           ((45, 32), 0, 16), ((2, 9, 40), 1, 4), ((5,), 0, 16), ((), 0, 16),
+           ((256, 256), -1, 16), ((300, 130), -1, 16), ((257, 160), 0, 16), ((130, 300), 0, 7)]
+
+
+def _native_only(monkeypatch):
+    """Fail instead of silently falling back to the compiled or reference path."""
+    monkeypatch.setattr(fast, "_call", lambda *a: pytest.fail(f"compiled path used: {a[0]}"))
+
+
+@pytest.mark.parametrize("width", [2, 3, 4, 8, 16, 31])
+def test_quantize_bit_identical(width, monkeypatch):
+    _native_only(monkeypatch)
+    for i, (shape, dim, block) in enumerate(LAYOUTS):
+        for e in ((8, 4, 2) if width == 4 else (8,)):
+            x = nasty(shape, seed=i)
+            got = fast.bfp_quantize(x, width, e, block, dim)
+            assert_bits(got, ref.bfp_quantize(x, width, e, block, dim))
+
+
+def test_nan_payloads_and_non_fp32_inputs():
+    x = nasty((32, 32), seed=5)
+    x.view(torch.int32)[3, 3] = 0x7FC00123  # a quiet NaN with a payload: kept, as the reference
+    x.view(torch.int32)[20, 1] = -0x3FFFFF  # negative NaN
+    for dim in (0, 1):
+        assert_bits(fast.bfp_quantize(x, 4, dim=dim), ref.bfp_quantize(x, 4, dim=dim))
+    for dtype in (torch.bfloat16, torch.float16):  # converted to fp32, the kernel, back
+        xd = x.to(dtype)
+        assert_bits(fast.bfp_quantize(xd, 4, dim=0), ref.bfp_quantize(xd, 4, dim=0))
+
+
+def test_kernels_follow_torch_threads():
+    x = nasty((512, 256), seed=9)
+    want = ref.bfp_quantize(x, 4, dim=0)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert_bits(native.bfp_quantize(x, 4, 8, 16, 0), want)
+    finally:
+        torch.set_num_threads(threads)
+
+
+PACK_LAYOUTS = [((48, 32), 0, 16), ((45, 32), 0, 16), ((4, 24, 8), 1, 16), ((40, 64), 1, 16),
+                ((7, 48), 1, 16), ((4, 8, 24), 2, 16), ((3, 40), 1, 5), ((3, 40), 1, 8),
+                ((33, 24), 0, 8), ((300, 512), 0, 16), ((520, 256), 1, 16), ((19, 8), 1, 16)]
+
+
+@pytest.mark.parametrize("width", [2, 4, 8])
+def test_pack_same_bytes_as_the_reference_and_unpacks_to_the_quantizer_output(width):
+    for i, (shape, dim, block) in enumerate(PACK_LAYOUTS):
+        if not native.supports_pack(torch.Size(shape), width, dim, block):
+            continue
+        x = torch.nan_to_num(nasty(shape, seed=i), nan=1.5, posinf=2.0, neginf=-3.0)
+        x.view(-1)[-1] = -0.0
+        for e in ((8, 3) if width == 4 else (8,)):
+            q = ref.bfp_quantize(x, width, e, block, dim)
+            expected = pack(q, "bfp", width, dim=dim, block_size=block, exponent_bits=e)
+            codes, exps = native.bfp_pack(x, width, e, block, dim)
+            assert torch.equal(codes, expected.codes), (shape, dim, block)
+            # exponents: the quantizer's E per block (packing.pack reads E back from the codes,
+            # so it differs where a block's codes are all zero: E clamped from below)
+            xb = _blocked_view(x, dim, block)[0]
+            want_e = shared_exponent(xb.abs().amax(dim=2, keepdim=True), e).to(torch.int8)
+            assert torch.equal(exps, want_e), (shape, dim, block)
+            nonzero = expected.scales != 0
+            assert torch.equal(exps[nonzero], expected.scales[nonzero])
+            out = native.bfp_unpack(codes, exps, x.shape, width, block, dim)
+            assert_bits(out, q)
+            via_pack = fast_pack.bfp_pack(x, width, e, block, dim)  # the stash path takes it
+            assert torch.equal(via_pack.codes, codes) and via_pack.fast
+            assert_bits(via_pack.unpack(), q)
+            reference = PackedTensor(*via_pack.tensors(), *via_pack.meta()[:5]).unpack()
+            assert_bits(reference, q)
+
+
+def test_pack_declines_non_finite_inputs_and_layouts_off_byte_boundaries():
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for shape, dim in (((32, 16), 0), ((32, 16), 1), ((20, 48), 1)):
+            x = torch.ones(shape)
+            x[shape[0] - 1, 5] = bad  # in the last (partial) tile or tail block too
+            assert native.bfp_pack(x, 4, 8, 16, dim) is None
+    assert not native.supports_pack(torch.Size((16, 7)), 4, 0, 16)  # rows of 7 codes
+    assert native.supports_pack(torch.Size((16, 8)), 4, 0, 16)
+    assert native.supports_pack(torch.Size((16, 8)), 4, 0, 5)  # blocks along dim 0: any B
+    assert not native.supports_pack(torch.Size((5, 6)), 2, 1, 16)
+    assert not native.supports_pack(torch.Size((5, 8)), 4, 1, 5)  # blocks of 5 along the row
+    assert not native.supports_pack(torch.Size((16, 8)), 16, 0, 16)
+
+
+def test_quant_scheme_takes_native_bfp_at_any_size_and_can_be_turned_off(monkeypatch):
+    calls = []
+    real = native.bfp_quantize
+    monkeypatch.setattr(native, "bfp_quantize", lambda *a: calls.append(a[0].shape) or real(*a))
+    x = nasty((8, 40), seed=2)
+    scheme = QuantScheme("bfp")
+    assert_bits(scheme.quantize(x, 4, dim=0), ref.bfp_quantize(x, 4, dim=0))
+    assert calls == [x.shape]  # far below fast.min_numel(), during the warm-up: still native
+    QuantScheme("bfp", rounding="stochastic").quantize(x, 4, generator=torch.Generator())
+    native.set_enabled(False)
+    try:
+        assert not native.available(x)
+        scheme.quantize(x, 4, dim=0)
+    finally:
+        native.set_enabled(True)
+    assert calls == [x.shape]  # neither stochastic rounding nor a disabled native path
+    fast.set_enabled(False)
+    try:
+        assert not native.available(x)  # DSQ_FAST=0 turns the native kernels off too
+    finally:
+        fast.set_enabled(True)
