@@ -14,6 +14,7 @@ from dsq_fairseq.models.dsq_transformer import stash_packing_from_args
 from dsq_fairseq.nn.masks import dsq_dropout, dsq_relu, pack_mask, unpack_mask
 from dsq_fairseq.nn.modules import DSQDropout, DSQReLU
 from dsq_fairseq.precision import DSQConfigError
+from dsq_fairseq.quant import native
 
 
 def bits(t):
@@ -44,14 +45,32 @@ def test_mask_round_trip():
         assert torch.equal(unpack_mask(data, m.shape), m)
 
 
+@pytest.fixture(params=["native", "torch"])
+def mask_kernels(request, monkeypatch):
+    """The mask bits written and applied by the native CPU kernels (where this CPU has them) or
+    by torch ops."""
+    if request.param == "native" and not native.available(torch.ones(1)):
+        pytest.skip("native CPU kernels not available here")
+    monkeypatch.setattr(native, "_enabled", request.param == "native")
+    return request.param
+
+
+# a tail of 5 elements after whole 16-lane chunks; and above the kernels' parallel threshold
+MASK_SHAPES = [(37, 5, 13), (300, 257)]
+
+
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9])
-def test_dropout_is_bit_identical_and_keeps_one_bit(p):
-    x = tricky()
-    y_ref, g_ref, _ = forward_backward(lambda t: F.dropout(t, p, training=True), x)
-    y, g, (saved,) = forward_backward(lambda t: dsq_dropout(t, p), x)
-    assert torch.equal(bits(y.detach().nan_to_num()), bits(y_ref.detach().nan_to_num()))
-    assert torch.equal(bits(g), bits(g_ref))
-    assert saved.dtype == torch.uint8 and saved.numel() == -(-x.numel() // 8)
+def test_dropout_is_bit_identical_and_keeps_one_bit(p, mask_kernels):
+    for shape in MASK_SHAPES:
+        x = tricky(shape)
+        y_ref, g_ref, _ = forward_backward(lambda t: F.dropout(t, p, training=True), x)
+        y, g, (saved,) = forward_backward(lambda t: dsq_dropout(t, p), x)
+        assert torch.equal(bits(y.detach().nan_to_num()), bits(y_ref.detach().nan_to_num()))
+        assert torch.equal(bits(g), bits(g_ref))
+        assert saved.dtype == torch.uint8 and saved.numel() == -(-x.numel() // 8)
+        known = (x != 0) & x.isfinite()  # there x * noise is 0 exactly where dropped
+        kept = y_ref.detach() != 0
+        assert torch.equal(unpack_mask(saved, x.shape)[known], kept[known])
     # the random stream advanced exactly as F.dropout's does
     torch.manual_seed(3)
     F.dropout(x, p, training=True)
@@ -61,13 +80,14 @@ def test_dropout_is_bit_identical_and_keeps_one_bit(p):
     assert torch.equal(torch.rand(3), after_ref)
 
 
-def test_relu_is_bit_identical_and_keeps_one_bit():
-    x = tricky()
-    y_ref, g_ref, _ = forward_backward(F.relu, x)
-    y, g, (saved,) = forward_backward(dsq_relu, x)
-    assert torch.equal(bits(y.detach()), bits(y_ref.detach()))
-    assert torch.equal(bits(g), bits(g_ref))
-    assert saved.dtype == torch.uint8 and saved.numel() == -(-x.numel() // 8)
+def test_relu_is_bit_identical_and_keeps_one_bit(mask_kernels):
+    for shape in MASK_SHAPES:
+        x = tricky(shape)
+        y_ref, g_ref, _ = forward_backward(F.relu, x)
+        y, g, (saved,) = forward_backward(dsq_relu, x)
+        assert torch.equal(bits(y.detach()), bits(y_ref.detach()))
+        assert torch.equal(bits(g), bits(g_ref))
+        assert torch.equal(saved, pack_mask(y_ref.detach() <= 0))
 
 
 def test_without_autograd_the_plain_ops_run():

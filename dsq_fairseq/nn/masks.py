@@ -15,7 +15,9 @@ width 1) and return bit-identical gradients:
 The DSQ model installs them (:func:`~dsq_fairseq.nn.modules.install_dsq`) in place of its
 ``FairseqDropout`` modules and its layers' ``F.relu``; they fall back to the torch ops when the
 runtime's stash packing is ``off``, without autograd, for in-place dropout and for ``p`` outside
-``(0, 1)``.
+``(0, 1)``. On CPUs with the native kernels (:mod:`dsq_fairseq.quant.native`) the mask bits
+are written from ``noise`` / ``y`` and applied to the gradient in one pass each (same bits, same
+gradients).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dsq_fairseq.quant import native
 from dsq_fairseq.quant.packing import byte_table, pack_bits
 
 
@@ -50,16 +53,24 @@ class _Dropout1Bit(torch.autograd.Function):
             y, mask = torch.native_dropout(x, p, True)
         else:  # at::native::_dropout_impl, op for op
             noise = torch.empty_like(x).bernoulli_(1 - p)
-            mask = noise != 0
+            if native.available(noise):  # the bits of noise != 0 in one pass
+                mask = None
+                ctx.save_for_backward(native.mask_pack(noise, native.MASK_NONZERO))
+            else:
+                mask = noise != 0
             noise.div_(1 - p)
             y = x * noise
-        ctx.save_for_backward(pack_mask(mask))
-        ctx.p, ctx.shape, ctx.cuda = p, mask.shape, x.is_cuda
+        if mask is not None:
+            ctx.save_for_backward(pack_mask(mask))
+        ctx.p, ctx.shape, ctx.cuda = p, x.shape, x.is_cuda
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor) -> Tuple[Tensor, None]:  # type: ignore[override]
         (bits,) = ctx.saved_tensors
+        if not ctx.cuda and native.available(g):  # g * (bit ? 1 / (1 - p) : 0), one pass
+            scale = torch.ones((), dtype=g.dtype).div_(1 - ctx.p).item()  # torch's own division
+            return native.mask_apply(bits, g, native.MASK_NONZERO, scale).view(ctx.shape), None
         mask = unpack_mask(bits, ctx.shape)
         if ctx.cuda:
             return torch.ops.aten.native_dropout_backward(g, mask, 1.0 / (1 - ctx.p)), None
@@ -71,13 +82,18 @@ class _ReLU1Bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
         y = torch.relu(x)
-        ctx.save_for_backward(pack_mask(y <= 0))  # threshold_backward zeroes these (NaN passes)
+        # threshold_backward zeroes these (NaN passes)
+        bits = (native.mask_pack(y, native.MASK_NOT_POSITIVE) if native.available(y)
+                else pack_mask(y <= 0))
+        ctx.save_for_backward(bits)
         ctx.shape = y.shape
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
         (bits,) = ctx.saved_tensors
+        if native.available(g):
+            return native.mask_apply(bits, g, native.MASK_NOT_POSITIVE).view(ctx.shape)
         return g.masked_fill(unpack_mask(bits, ctx.shape), 0)
 
 

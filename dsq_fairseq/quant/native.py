@@ -1,4 +1,5 @@
-"""Native CPU kernels (``native_bfp.c``, AVX-512) for BFP round-to-nearest quantize / pack / unpack.
+"""Native CPU kernels (``native_kernels.c``, AVX-512): BFP round-to-nearest quantize, pack,
+unpack; 1-bit dropout / ReLU masks.
 
 Why: on CPU the inductor kernels of :mod:`.fast` split BFP into a reduction and an elementwise
 pass (the per-block exponent arithmetic did not vectorize when fused), reduce rows of 16 with one
@@ -39,9 +40,9 @@ import torch
 from torch import Tensor
 
 __all__ = ["available", "available_for", "bfp_pack", "bfp_quantize", "bfp_unpack", "set_enabled",
-           "supports_pack"]
+           "mask_apply", "mask_pack", "supports_pack"]
 
-_SOURCE = Path(__file__).with_name("native_bfp.c")
+_SOURCE = Path(__file__).with_name("native_kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 PACK_WIDTHS = (2, 4, 8)
 _lib: Optional[ctypes.CDLL] = None
@@ -74,7 +75,7 @@ def _build() -> Path:
         b"\0".join([source, cc.encode(), " ".join(_FLAGS).encode(), _cpu_flags().encode(),
                     platform.machine().encode()])
     ).hexdigest()[:16]
-    target = _cache_dir() / f"native_bfp-{digest}.so"
+    target = _cache_dir() / f"native_kernels-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +111,10 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.dsq_bfp_pack.restype = i32
         lib.dsq_bfp_unpack.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i32, i32]
         lib.dsq_bfp_unpack.restype = None
+        lib.dsq_mask_pack.argtypes = [ptr, ptr, i64, i32, i32]
+        lib.dsq_mask_pack.restype = None
+        lib.dsq_mask_apply.argtypes = [ptr, ptr, ptr, i64, i32, f32, i32]
+        lib.dsq_mask_apply.restype = None
         _lib, _state = lib, "ready"
     return _lib
 
@@ -199,4 +204,30 @@ def bfp_unpack(codes: Tensor, exps: Tensor, shape: torch.Size, width: int, block
     codes, exps = codes.contiguous(), exps.contiguous()
     _lib.dsq_bfp_unpack(codes.data_ptr(), exps.data_ptr(), out.data_ptr(), p, n, q, block_size,
                         width, torch.get_num_threads())
+    return out
+
+
+MASK_NONZERO, MASK_NOT_POSITIVE = 0, 1
+"""Mask kinds of :func:`mask_pack`: dropout's ``noise != 0``, ReLU's ``y <= 0``."""
+
+
+def mask_pack(x: Tensor, kind: int) -> Tensor:
+    """``packing.pack_bits((x != 0) or (x <= 0), 1)`` (``kind``: :data:`MASK_NONZERO` /
+    :data:`MASK_NOT_POSITIVE`) of a CPU fp32 ``x`` (:func:`available`): ``ceil(n / 8)`` bytes,
+    bit ``i % 8`` of byte ``i // 8`` for element ``i`` in row-major order."""
+    xc = x.detach().contiguous()
+    n = xc.numel()
+    bits = torch.empty(-(-n // 8), dtype=torch.uint8)
+    _lib.dsq_mask_pack(xc.data_ptr(), bits.data_ptr(), n, kind, torch.get_num_threads())
+    return bits
+
+
+def mask_apply(bits: Tensor, g: Tensor, kind: int, scale: float = 0.0) -> Tensor:
+    """The backward of a :func:`mask_pack` mask on a CPU fp32 gradient ``g``: dropout
+    (:data:`MASK_NONZERO`) ``g * (bit ? scale : 0)``, ReLU (:data:`MASK_NOT_POSITIVE`)
+    ``bit ? 0 : g``; a new contiguous tensor of ``g``'s shape."""
+    gc = g.contiguous()
+    out = torch.empty_like(gc, memory_format=torch.contiguous_format)
+    _lib.dsq_mask_apply(bits.data_ptr(), gc.data_ptr(), out.data_ptr(), gc.numel(), kind, scale,
+                        torch.get_num_threads())
     return out

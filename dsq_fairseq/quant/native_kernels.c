@@ -1,4 +1,4 @@
-/* Native CPU kernels of BFP round-to-nearest quantize, pack and unpack (AVX-512).
+/* Native CPU kernels (AVX-512): BFP round-to-nearest quantize, pack and unpack; 1-bit masks.
  *
  * Loaded by dsq_fairseq/quant/native.py (built with -O3 -march=native -fopenmp, no -ffast-math:
  * IEEE semantics, no flush-to-zero). Every kernel performs the reference's IEEE operations in the
@@ -414,6 +414,44 @@ void dsq_bfp_unpack(const uint8_t* codes, const int8_t* exps, float* out, int64_
       const int64_t pos = p * n + s + c;
       _mm512_mask_storeu_ps(out + pos, lane_mask(r), load_values(codes, pos, r, scale, w));
     }
+  }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* 1-bit masks (dsq_fairseq/nn/masks.py): bit i of the stream (byte i / 8, bit i % 8) is element
+ * i's bit, ceil(n / 8) bytes, the last byte's unused bits zero (packing.pack_bits, width 1).    */
+
+/* mode 0: bit = x != 0 (dropout's noise); mode 1: bit = x <= 0 (ReLU's output; NaN -> 0). */
+void dsq_mask_pack(const float* x, uint8_t* bits, int64_t n, int mode, int nthreads) {
+  const int64_t nchunks = (n + 15) / 16;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (n > PAR_MIN)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t r = n - 16 * c < 16 ? n - 16 * c : 16;
+    const __mmask16 m = lane_mask(r);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + 16 * c);
+    const __mmask16 b = m & (mode == 0 ? _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ)
+                                       : _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LE_OQ));
+    bits[2 * c] = (uint8_t)(b & 0xFF);
+    if (r > 8) bits[2 * c + 1] = (uint8_t)(b >> 8);
+  }
+}
+
+/* The backward of a 1-bit mask: mode 0 (dropout): out = g * (bit ? scale : 0) (torch:
+ * g * mask.to(float).div_(1 - p), scale = that division of 1); mode 1 (ReLU):
+ * out = bit ? 0 : g (g.masked_fill(mask, 0)). */
+void dsq_mask_apply(const uint8_t* bits, const float* g, float* out, int64_t n, int mode,
+                    float scale, int nthreads) {
+  const int64_t nchunks = (n + 15) / 16;
+  const __m512 sc = _mm512_set1_ps(scale);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (n > PAR_MIN)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t r = n - 16 * c < 16 ? n - 16 * c : 16;
+    const __mmask16 m = lane_mask(r);
+    const __mmask16 b = (__mmask16)(bits[2 * c] | (r > 8 ? bits[2 * c + 1] << 8 : 0));
+    const __m512 v = _mm512_maskz_loadu_ps(m, g + 16 * c);
+    const __m512 y = mode == 0 ? _mm512_mul_ps(v, _mm512_maskz_mov_ps(b, sc))
+                               : _mm512_mask_mov_ps(v, b, _mm512_setzero_ps());
+    _mm512_mask_storeu_ps(out + 16 * c, m, y);
   }
 }
 
