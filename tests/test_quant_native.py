@@ -68,16 +68,22 @@ def test_kernels_follow_torch_threads():
         torch.set_num_threads(threads)
 
 
+# written straight into the stream (runs of codes on whole bytes) and, below the line, through
+# one byte per code (rows of 7 / 15 codes, blocks of 5, a total not a multiple of 8 codes; an
+# attention-probability-like [heads, tgt, src] along tgt, big enough for the parallel loops)
 PACK_LAYOUTS = [((48, 32), 0, 16), ((45, 32), 0, 16), ((4, 24, 8), 1, 16), ((40, 64), 1, 16),
-                ((7, 48), 1, 16), ((4, 8, 24), 2, 16), ((3, 40), 1, 5), ((3, 40), 1, 8),
-                ((33, 24), 0, 8), ((300, 512), 0, 16), ((520, 256), 1, 16), ((19, 8), 1, 16)]
+                ((7, 48), 1, 16), ((4, 8, 24), 2, 16), ((3, 40), 1, 8), ((33, 24), 0, 8),
+                ((300, 512), 0, 16), ((520, 256), 1, 16), ((19, 8), 1, 16),
+                ((16, 7), 0, 16), ((3, 15), 1, 16), ((3, 40), 1, 5), ((2, 11, 6), 1, 16),
+                ((3, 3, 5), 0, 16), ((45, 33), 0, 16), ((96, 37, 41), 1, 16)]
 
 
 @pytest.mark.parametrize("width", [2, 4, 8])
 def test_pack_same_bytes_as_the_reference_and_unpacks_to_the_quantizer_output(width):
+    if width < 8:  # both the direct and the one-byte-per-code kernels are exercised
+        assert {native._direct(torch.Size(s), width, d, b) for s, d, b in PACK_LAYOUTS} == {
+            True, False}
     for i, (shape, dim, block) in enumerate(PACK_LAYOUTS):
-        if not native.supports_pack(torch.Size(shape), width, dim, block):
-            continue
         x = torch.nan_to_num(nasty(shape, seed=i), nan=1.5, posinf=2.0, neginf=-3.0)
         x.view(-1)[-1] = -0.0
         for e in ((8, 3) if width == 4 else (8,)):
@@ -101,18 +107,16 @@ def test_pack_same_bytes_as_the_reference_and_unpacks_to_the_quantizer_output(wi
             assert_bits(reference, q)
 
 
-def test_pack_declines_non_finite_inputs_and_layouts_off_byte_boundaries():
+def test_pack_declines_non_finite_inputs_and_other_widths():
     for bad in (float("nan"), float("inf"), float("-inf")):
         for shape, dim in (((32, 16), 0), ((32, 16), 1), ((20, 48), 1)):
             x = torch.ones(shape)
             x[shape[0] - 1, 5] = bad  # in the last (partial) tile or tail block too
             assert native.bfp_pack(x, 4, 8, 16, dim) is None
-    assert not native.supports_pack(torch.Size((16, 7)), 4, 0, 16)  # rows of 7 codes
-    assert native.supports_pack(torch.Size((16, 8)), 4, 0, 16)
-    assert native.supports_pack(torch.Size((16, 8)), 4, 0, 5)  # blocks along dim 0: any B
-    assert not native.supports_pack(torch.Size((5, 6)), 2, 1, 16)
-    assert not native.supports_pack(torch.Size((5, 8)), 4, 1, 5)  # blocks of 5 along the row
-    assert not native.supports_pack(torch.Size((16, 8)), 16, 0, 16)
+    assert native.supports_pack(torch.Size((16, 7)), 4)
+    assert not native.supports_pack(torch.Size((16, 8)), 16)  # width 16: the reference
+    assert not native.supports_pack(torch.Size(()), 4) and not native.supports_pack(
+        torch.Size((0, 8)), 4)
 
 
 def test_quant_scheme_takes_native_bfp_at_any_size_and_can_be_turned_off(monkeypatch):

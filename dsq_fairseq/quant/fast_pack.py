@@ -179,7 +179,7 @@ def bfp_pack(x: Tensor, width: int, exponent_bits: int = 8, block_size: int = 16
     if not supports(x, width, dim, block_size):
         return None
     dim = dim % x.dim()
-    if native.available(x) and native.supports_pack(x.shape, width, dim, block_size):
+    if native.available(x) and native.supports_pack(x.shape, width):
         out = native.bfp_pack(x, width, exponent_bits, block_size, dim)
         return None if out is None else PackedTensor(*out, x.shape, width, "pow2", dim,
                                                      block_size, fast=True)
@@ -225,8 +225,7 @@ def bfp_unpack(packed: PackedTensor) -> Optional[Tensor]:
     width, shape = packed.width, packed.shape
     numel = shape.numel()
     if (packed.kind == "pow2" and native.available_for(packed.codes)
-            and native.supports_pack(shape, width, packed.dim % len(shape),
-                                     packed.block_size)):
+            and native.supports_pack(shape, width)):
         return native.bfp_unpack(packed.codes, packed.scales, shape, width, packed.block_size,
                                  packed.dim % len(shape))
     if not (fast.enabled() and packed.kind == "pow2" and width in FAST_PACK_WIDTHS

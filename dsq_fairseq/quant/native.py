@@ -107,10 +107,13 @@ def _load() -> Optional[ctypes.CDLL]:
         i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
         lib.dsq_bfp_quantize.argtypes = [ptr, ptr, i64, i64, i64, i64, i32, f32, i32, i32]
         lib.dsq_bfp_quantize.restype = None
-        lib.dsq_bfp_pack.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i32, f32, i32, i32]
+        lib.dsq_bfp_pack.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i32, i32, f32, i32, i32]
         lib.dsq_bfp_pack.restype = i32
-        lib.dsq_bfp_unpack.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i32, i32]
+        lib.dsq_bfp_unpack.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i32, i32, i32]
         lib.dsq_bfp_unpack.restype = None
+        for name in ("dsq_codes_join", "dsq_codes_split"):
+            getattr(lib, name).argtypes = [ptr, ptr, i64, i32, i32]
+            getattr(lib, name).restype = None
         lib.dsq_mask_pack.argtypes = [ptr, ptr, i64, i32, i32]
         lib.dsq_mask_pack.restype = None
         lib.dsq_mask_apply.argtypes = [ptr, ptr, ptr, i64, i32, f32, i32]
@@ -162,48 +165,66 @@ def bfp_quantize(x: Tensor, width: int, exponent_bits: int, block_size: int, dim
     return out
 
 
-def supports_pack(shape: torch.Size, width: int, dim: int, block_size: int) -> bool:
-    """Whether :func:`bfp_pack` takes ``shape`` (``dim >= 0``): width 2/4/8 and every run of
-    codes a kernel writes starting and ending on a byte of the stream (``g = 8 / w``:
+def _direct(shape: torch.Size, width: int, dim: int, block_size: int) -> bool:
+    """Whether the pack / unpack kernels can write / read the packed stream of ``shape``
+    directly: every run of codes they handle starts and ends on a byte (``g = 8 / w``:
     ``Q % g == 0`` for blocks along a non-last dim; ``n % g == 0`` and ``B % g == 0`` along the
-    last)."""
-    if width not in PACK_WIDTHS or not len(shape):
-        return False
+    last). Otherwise they go through one byte per code and :func:`_join` / :func:`_split`."""
     p, n, q = _pnq(shape, dim)
     g = 8 // width
     return (q % g == 0) if q > 1 else (n % g == 0 and block_size % g == 0)
 
 
+def supports_pack(shape: torch.Size, width: int) -> bool:
+    """Whether :func:`bfp_pack` / :func:`bfp_unpack` take a tensor of ``shape`` at ``width``:
+    widths 2, 4 and 8, any non-empty shape with at least one dim."""
+    return width in PACK_WIDTHS and len(shape) > 0 and shape.numel() > 0
+
+
 def bfp_pack(x: Tensor, width: int, exponent_bits: int, block_size: int, dim: int
              ) -> Optional[Tuple[Tensor, Tensor]]:
     """``(codes, exponents)`` of ``packing.pack(bfp_quantize(x, ...), "bfp", width, dim, ...)``
-    (the stream zero-padded to whole groups of 8 codes; exponents ``[P, nblocks, 1, Q]`` int8)
-    for a CPU fp32 ``x`` (:func:`available`, :func:`supports_pack`, ``dim >= 0``); ``None`` when
-    ``x`` holds a NaN or inf (no code for them)."""
+    (the stream zero-padded to whole groups of 8 codes; exponents ``[P, nblocks, 1, Q]`` int8:
+    the quantizer's shared exponents) for a CPU fp32 ``x`` (:func:`available`,
+    :func:`supports_pack`, ``dim >= 0``); ``None`` when ``x`` holds a NaN or inf (no code for
+    them)."""
     xc = x.detach().contiguous()
     p, n, q = _pnq(xc.shape, dim)
-    nblocks = -(-n // block_size)
     numel = xc.numel()
     nbytes = -(-numel // 8) * width
-    codes = torch.empty(nbytes, dtype=torch.uint8)
-    used = numel * width // 8
-    if used < nbytes:
-        codes[used:] = 0
-    exps = torch.empty((p, nblocks, 1, q), dtype=torch.int8)
+    direct = _direct(xc.shape, width, dim, block_size)
+    codes = torch.empty(nbytes if direct else numel, dtype=torch.uint8)
+    if direct and numel * width // 8 < nbytes:
+        codes[numel * width // 8:] = 0
+    exps = torch.empty((p, -(-n // block_size), 1, q), dtype=torch.int8)
+    threads = torch.get_num_threads()
     ok = _lib.dsq_bfp_pack(xc.data_ptr(), codes.data_ptr(), exps.data_ptr(), p, n, q, block_size,
-                           width, float(2 ** (width - 1) - 1), 2 ** (exponent_bits - 1) - 1,
-                           torch.get_num_threads())
-    return (codes, exps) if ok else None
+                           width, width if direct else 8, float(2 ** (width - 1) - 1),
+                           2 ** (exponent_bits - 1) - 1, threads)
+    if not ok:
+        return None
+    if not direct:
+        stream = torch.empty(nbytes, dtype=torch.uint8)
+        _lib.dsq_codes_join(codes.data_ptr(), stream.data_ptr(), numel, width, threads)
+        codes = stream
+    return codes, exps
 
 
 def bfp_unpack(codes: Tensor, exps: Tensor, shape: torch.Size, width: int, block_size: int,
                dim: int) -> Tensor:
     """The fp32 tensor of ``shape`` that :func:`bfp_pack` packed into ``(codes, exps)``."""
     p, n, q = _pnq(shape, dim)
+    numel = shape.numel()
     out = torch.empty(shape, dtype=torch.float32)
     codes, exps = codes.contiguous(), exps.contiguous()
+    threads = torch.get_num_threads()
+    direct = _direct(shape, width, dim, block_size)
+    if not direct:
+        c8 = torch.empty(numel, dtype=torch.uint8)
+        _lib.dsq_codes_split(codes.data_ptr(), c8.data_ptr(), numel, width, threads)
+        codes = c8
     _lib.dsq_bfp_unpack(codes.data_ptr(), exps.data_ptr(), out.data_ptr(), p, n, q, block_size,
-                        width, torch.get_num_threads())
+                        width, width if direct else 8, threads)
     return out
 
 

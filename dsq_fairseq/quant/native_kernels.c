@@ -239,19 +239,19 @@ static inline __mmask16 byte_mask(int64_t ncodes, int w) { return lane_mask(ncod
 
 /* The codes of up to 16 elements (ncodes, a multiple of 8 / w) stored at stream position pos. */
 static inline void store_codes(uint8_t* codes, int64_t pos, int64_t ncodes, __m512 x,
-                               __m512 up_a, __m512 up_b, __m512 qmax, int w) {
+                               __m512 up_a, __m512 up_b, __m512 qmax, int w, int wj) {
   const __m512 k = scaled_int(x, up_a, up_b, qmax);
   const __m512i mag_k = _mm512_abs_epi32(_mm512_cvtps_epi32(k));
   const __m512i sign = _mm512_srli_epi32(_mm512_castps_si512(k), 31);
   const __m128i c = _mm512_cvtepi32_epi8(_mm512_or_si512(mag_k, _mm512_slli_epi32(sign, w - 1)));
-  _mm_mask_storeu_epi8(codes + pos * w / 8, byte_mask(ncodes, w), join_codes(c, w));
+  _mm_mask_storeu_epi8(codes + pos * wj / 8, byte_mask(ncodes, wj), join_codes(c, wj));
 }
 
 /* fp32 +-|k| * scale of up to 16 codes at stream position pos (ncodes a multiple of 8 / w). */
 static inline __m512 load_values(const uint8_t* codes, int64_t pos, int64_t ncodes, __m512 scale,
-                                 int w) {
-  const __m128i b = _mm_maskz_loadu_epi8(byte_mask(ncodes, w), codes + pos * w / 8);
-  const __m512i c = _mm512_cvtepu8_epi32(split_codes(b, w));
+                                 int w, int wj) {
+  const __m128i b = _mm_maskz_loadu_epi8(byte_mask(ncodes, wj), codes + pos * wj / 8);
+  const __m512i c = _mm512_cvtepu8_epi32(split_codes(b, wj));
   const __m512 m = _mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32((1 << (w - 1)) - 1)));
   const __mmask16 neg = _mm512_test_epi32_mask(c, _mm512_set1_epi32(1 << (w - 1)));
   const __m512 v = _mm512_mask_xor_ps(m, neg, m, _mm512_set1_ps(-0.0f));
@@ -274,7 +274,7 @@ static inline __m512 pow2_scale(__m512i e, int wm2) {
 }
 
 static int pack_rows16(const float* x, uint8_t* codes, int8_t* exps, int64_t nblocks, int w,
-                       float qmaxf, int emax, int nthreads) {
+                       int wj, float qmaxf, int emax, int nthreads) {
   const int64_t ntiles = nblocks / 16;
   const __m512 qmax = _mm512_set1_ps(qmaxf);
   int bad = 0;
@@ -291,18 +291,18 @@ static int pack_rows16(const float* x, uint8_t* codes, int8_t* exps, int64_t nbl
     store_factors(&f, &l);
     for (int i = 0; i < 16; ++i)
       store_codes(codes, t * 256 + 16 * i, 16, _mm512_loadu_ps(xb + 16 * i), lane(l.up_a, i),
-                  lane(l.up_b, i), qmax, w);
+                  lane(l.up_b, i), qmax, w, wj);
   }
   for (int64_t b = ntiles * 16; b < nblocks; ++b) {
     const factors_t f = pow2_factors(block_max(x + 16 * b, 16, &bad), w - 2, emax);
     exps[b] = (int8_t)_mm_cvtsi128_si32(_mm512_cvtepi32_epi8(f.e));
-    store_codes(codes, 16 * b, 16, _mm512_loadu_ps(x + 16 * b), f.up_a, f.up_b, qmax, w);
+    store_codes(codes, 16 * b, 16, _mm512_loadu_ps(x + 16 * b), f.up_a, f.up_b, qmax, w, wj);
   }
   return !bad;
 }
 
 static int pack_rows(const float* x, uint8_t* codes, int8_t* exps, int64_t P, int64_t n,
-                     int64_t B, int w, float qmaxf, int emax, int nthreads) {
+                     int64_t B, int w, int wj, float qmaxf, int emax, int nthreads) {
   const int64_t nb = (n + B - 1) / B;
   const __m512 qmax = _mm512_set1_ps(qmaxf);
   int bad = 0;
@@ -317,14 +317,14 @@ static int pack_rows(const float* x, uint8_t* codes, int8_t* exps, int64_t P, in
     for (int64_t c = 0; c < len; c += 16) {
       const int64_t r = len - c < 16 ? len - c : 16;
       store_codes(codes, p * n + s + c, r, _mm512_maskz_loadu_ps(lane_mask(r), xb + c), f.up_a,
-                  f.up_b, qmax, w);
+                  f.up_b, qmax, w, wj);
     }
   }
   return !bad;
 }
 
 static int pack_cols(const float* x, uint8_t* codes, int8_t* exps, int64_t P, int64_t n, int64_t Q,
-                     int64_t B, int w, float qmaxf, int emax, int nthreads) {
+                     int64_t B, int w, int wj, float qmaxf, int emax, int nthreads) {
   const int64_t nb = (n + B - 1) / B;
   const __m512 qmax = _mm512_set1_ps(qmaxf);
   int bad = 0;
@@ -349,27 +349,29 @@ static int pack_cols(const float* x, uint8_t* codes, int8_t* exps, int64_t P, in
       _mm_mask_storeu_epi8(exps + t * Q + c, m, _mm512_cvtepi32_epi8(f.e));
       for (int64_t i = 0; i < len; ++i)
         store_codes(codes, (p * n + s + i) * Q + c, r, _mm512_maskz_loadu_ps(m, xb + i * Q + c),
-                    f.up_a, f.up_b, qmax, w);
+                    f.up_a, f.up_b, qmax, w, wj);
     }
   }
   return !bad;
 }
 
 /* packing.pack(bfp_quantize(x, w, e, B, dim), ...) of fp32 x viewed [P, n, Q], w in {2, 4, 8}:
- * codes (numel * w / 8 bytes; the caller zeroes any padding after them) and exponents
- * ([P, nblocks, Q] int8). Needs Q % (8 / w) == 0 when Q > 1, else n % (8 / w) == 0 (every
- * block then starts on a byte). Returns 0 (outputs undefined) when x holds a NaN or inf. */
+ * codes and exponents ([P, nblocks, Q] int8). wj == w: the packed stream (numel * w / 8 bytes;
+ * the caller zeroes any padding after them); needs every run of codes a kernel writes on whole
+ * bytes: Q % (8 / w) == 0 when Q > 1, else n and B multiples of 8 / w. wj == 8: one byte per
+ * code, any layout (dsq_codes_join then packs the stream). Returns 0 (outputs undefined) when
+ * x holds a NaN or inf. */
 int dsq_bfp_pack(const float* x, uint8_t* codes, int8_t* exps, int64_t P, int64_t n, int64_t Q,
-                 int64_t B, int w, float qmax, int emax, int nthreads) {
-  if (Q > 1) return pack_cols(x, codes, exps, P, n, Q, B, w, qmax, emax, nthreads);
+                 int64_t B, int w, int wj, float qmax, int emax, int nthreads) {
+  if (Q > 1) return pack_cols(x, codes, exps, P, n, Q, B, w, wj, qmax, emax, nthreads);
   if (B == 16 && n % 16 == 0)
-    return pack_rows16(x, codes, exps, P * (n / 16), w, qmax, emax, nthreads);
-  return pack_rows(x, codes, exps, P, n, B, w, qmax, emax, nthreads);
+    return pack_rows16(x, codes, exps, P * (n / 16), w, wj, qmax, emax, nthreads);
+  return pack_rows(x, codes, exps, P, n, B, w, wj, qmax, emax, nthreads);
 }
 
-/* PackedTensor.unpack of dsq_bfp_pack's output (same layout rules) into fp32 out. */
+/* PackedTensor.unpack of dsq_bfp_pack's output (same layout rules, same wj) into fp32 out. */
 void dsq_bfp_unpack(const uint8_t* codes, const int8_t* exps, float* out, int64_t P, int64_t n,
-                    int64_t Q, int64_t B, int w, int nthreads) {
+                    int64_t Q, int64_t B, int w, int wj, int nthreads) {
   const int64_t nb = (n + B - 1) / B;
   if (Q > 1) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (P * n * Q > PAR_MIN)
@@ -383,7 +385,7 @@ void dsq_bfp_unpack(const uint8_t* codes, const int8_t* exps, float* out, int64_
             _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, exps + t * Q + c)), w - 2);
         for (int64_t i = 0; i < len; ++i) {
           const int64_t pos = (p * n + s + i) * Q + c;
-          _mm512_mask_storeu_ps(out + pos, m, load_values(codes, pos, r, scale, w));
+          _mm512_mask_storeu_ps(out + pos, m, load_values(codes, pos, r, scale, w, wj));
         }
       }
     }
@@ -399,7 +401,7 @@ void dsq_bfp_unpack(const uint8_t* codes, const int8_t* exps, float* out, int64_
                                           lane_mask(nblk), exps + 16 * t)), w - 2));
       for (int64_t i = 0; i < nblk; ++i) {
         const int64_t pos = t * 256 + 16 * i;
-        _mm512_storeu_ps(out + pos, load_values(codes, pos, 16, lane(sc, (int)i), w));
+        _mm512_storeu_ps(out + pos, load_values(codes, pos, 16, lane(sc, (int)i), w, wj));
       }
     }
     return;
@@ -412,8 +414,33 @@ void dsq_bfp_unpack(const uint8_t* codes, const int8_t* exps, float* out, int64_
     for (int64_t c = 0; c < len; c += 16) {
       const int64_t r = len - c < 16 ? len - c : 16;
       const int64_t pos = p * n + s + c;
-      _mm512_mask_storeu_ps(out + pos, lane_mask(r), load_values(codes, pos, r, scale, w));
+      _mm512_mask_storeu_ps(out + pos, lane_mask(r), load_values(codes, pos, r, scale, w, wj));
     }
+  }
+}
+
+/* One byte per code (n codes) -> the packed stream of w-bit codes, ceil(n / 8) * w bytes, the
+ * last group of 8 codes zero-padded. */
+void dsq_codes_join(const uint8_t* c8, uint8_t* out, int64_t n, int w, int nthreads) {
+  const int64_t nchunks = (n + 15) / 16, nbytes = (n + 7) / 8 * w;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (n > PAR_MIN)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t r = n - 16 * c < 16 ? n - 16 * c : 16;
+    const __m128i codes = _mm_maskz_loadu_epi8(lane_mask(r), c8 + 16 * c);
+    const int64_t first = 16 * c * w / 8, avail = nbytes - first;
+    _mm_mask_storeu_epi8(out + first, lane_mask(avail < 2 * w ? avail : 2 * w),
+                         join_codes(codes, w));
+  }
+}
+
+/* Inverse of dsq_codes_join: the first n codes of a packed stream, one byte each. */
+void dsq_codes_split(const uint8_t* in, uint8_t* c8, int64_t n, int w, int nthreads) {
+  const int64_t nchunks = (n + 15) / 16;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (n > PAR_MIN)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t r = n - 16 * c < 16 ? n - 16 * c : 16;
+    const __m128i b = _mm_maskz_loadu_epi8(byte_mask((r + 7) / 8 * 8, w), in + 16 * c * w / 8);
+    _mm_mask_storeu_epi8(c8 + 16 * c, lane_mask(r), split_codes(b, w));
   }
 }
 
