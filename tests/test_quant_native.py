@@ -140,3 +140,42 @@ def test_quant_scheme_takes_native_bfp_at_any_size_and_can_be_turned_off(monkeyp
         assert not native.available(x)  # DSQ_FAST=0 turns the native kernels off too
     finally:
         fast.set_enabled(True)
+
+
+@pytest.mark.parametrize("packing", ["auto", "off"])
+def test_dsq_gemms_take_the_pair_kernels_bit_identically(packing, monkeypatch):
+    """Linear forward (Q0(x) + packed Q1(x)), linear backward (Q2(g) + Q3(g)), matmul forward
+    (Q0(a) + Q1(a)) and backward (Q2(g) both ways) read their tensor once through
+    :func:`native.bfp_pair`; values and gradients are those of the separate quantizations."""
+    from dsq_fairseq.nn.functional import dsq_linear, dsq_matmul
+    from dsq_fairseq.nn.runtime import DSQRuntime
+    from dsq_fairseq.precision import Precision
+
+    gen = torch.Generator().manual_seed(0)
+    x = nasty((37, 3, 48), seed=4).nan_to_num(1.0, 2.0, -2.0)  # [T, B, K]
+    w, bias = torch.randn(32, 48, generator=gen), torch.randn(32, generator=gen)
+    a, b = torch.randn(6, 20, 32, generator=gen), torch.randn(6, 32, 48, generator=gen)
+    gy, gc = torch.randn(37, 3, 32, generator=gen), torch.randn(6, 20, 48, generator=gen)
+
+    def run():
+        rt = DSQRuntime(QuantScheme("bfp"), Precision(16, 4, 4, 16), stash_packing=packing)
+        leaves = [t.clone().requires_grad_(True) for t in (x, w, bias, a, b)]
+        y = dsq_linear(leaves[0], leaves[1], leaves[2], rt)
+        c = dsq_matmul(leaves[3], leaves[4], rt)
+        torch.autograd.backward([y, c], [gy, gc])
+        return [y.detach(), c.detach()] + [t.grad for t in leaves]
+
+    calls = []
+    real = native.bfp_pair
+    monkeypatch.setattr(native, "bfp_pair", lambda *a, **k: calls.append(a[0].shape)
+                        or real(*a, **k))
+    with_pair = run()
+    assert len(calls) == 4, calls
+    native.set_enabled(False)
+    try:
+        without = run()
+    finally:
+        native.set_enabled(True)
+    assert len(calls) == 4
+    for got, want in zip(with_pair, without):
+        assert_bits(got, want)

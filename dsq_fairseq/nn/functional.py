@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from dsq_fairseq.nn import logits, weight_cache
 from dsq_fairseq.nn.runtime import DSQRuntime, GemmRecord
 from dsq_fairseq.precision import FULL_PRECISION, Point, Precision
-from dsq_fairseq.quant import fast, fast_pack
+from dsq_fairseq.quant import fast, fast_pack, native
 from dsq_fairseq.quant.packing import PackedTensor, pack
 
 UNQUANTIZED = Precision(*[FULL_PRECISION] * 4)
@@ -118,7 +118,7 @@ def _pack_stash(
     scheme = runtime.scheme
     key = None
     if share_with is not None and scheme.rounding == "nearest":
-        key = (width, dim, is_weight, tuple(x.shape), scheme)
+        key = _share_key(x, width, runtime, dim, is_weight)
         hit = runtime.stash_lookup(share_with, key)
         if hit is not None:
             return hit
@@ -138,6 +138,25 @@ def _pack_stash(
     if key is not None:
         runtime.stash_store(share_with, key, *stash)
     return stash
+
+
+def _share_key(x: torch.Tensor, width: Point, runtime: DSQRuntime, dim: int = 0,
+               is_weight: bool = False) -> tuple:
+    """What two stashes of one tensor object must share to be one (:func:`_pack_stash`)."""
+    return (width, dim, is_weight, tuple(x.shape), runtime.scheme)
+
+
+def _stash_shared(x: torch.Tensor, width: Point, share_with: torch.Tensor,
+                  runtime: DSQRuntime) -> bool:
+    """Whether another linear already stored the packed ``Q1(x)`` of ``share_with``."""
+    return (runtime.scheme.rounding == "nearest"
+            and runtime.stash_lookup(share_with, _share_key(x, width, runtime)) is not None)
+
+
+def _share_stash(x: torch.Tensor, width: Point, share_with: torch.Tensor, runtime: DSQRuntime,
+                 stash: Stash) -> None:
+    """Offer ``stash`` (the packed ``Q1(x)``) to the other linears reading ``share_with``."""
+    runtime.stash_store(share_with, _share_key(x, width, runtime), *stash)
 
 
 class Requantize(NamedTuple):
@@ -175,6 +194,28 @@ def _stash_q2(stash: torch.Tensor, p: Precision, dim: int, runtime: DSQRuntime,
     return scheme.quantize(stash, p.q2, dim=dim, is_weight=is_weight, generator=generator)
 
 
+def _quantize_pair(t: torch.Tensor, width_last: Point, width_outer: Point, runtime: DSQRuntime,
+                   pack_outer: bool = False):
+    """``(Q(t) along -1 at width_last, Q(t) along -2 at width_outer)`` in one pass over ``t``
+    (:func:`~dsq_fairseq.quant.native.bfp_pair`; the second packed as a :data:`Stash` when
+    ``pack_outer``, ``None`` for a non-finite ``t``), or ``None`` where that kernel does not
+    apply: BFP round-to-nearest with blocks of 16, both widths quantized (2..31; packing: 2, 4
+    or 8), a CPU fp32 ``t`` whose last dim is a multiple of 16 (:func:`native.supports_pair`).
+    Bit-identical to the two ``scheme.quantize`` calls (and :func:`_pack_stash`)."""
+    scheme = runtime.scheme
+    if not (scheme.format == "bfp" and scheme.rounding == "nearest"
+            and isinstance(width_last, int) and isinstance(width_outer, int)
+            and 2 <= width_last < FULL_PRECISION and 2 <= width_outer < FULL_PRECISION
+            and (not pack_outer or width_outer in native.PACK_WIDTHS)
+            and native.supports_pair(t, scheme.block_size)):
+        return None
+    q_last, outer = native.bfp_pair(t, width_last, width_outer, scheme.exponent_bits,
+                                    pack_outer=pack_outer)
+    if pack_outer and outer is not None:
+        outer = outer, (t.shape, width_outer, "pow2", t.dim() - 2, 16, True)
+    return q_last, outer
+
+
 def _save_stashes(ctx, *stashes: Stash) -> None:
     ctx.save_for_backward(*(t for tensors, _ in stashes for t in tensors))
     ctx.stash_layout = tuple((len(tensors), meta) for tensors, meta in stashes)
@@ -205,18 +246,34 @@ class _DSQLinearFunction(torch.autograd.Function):
                 q0_sink: Optional[list] = None):
         p = runtime.precision
         gen = runtime.generator(x.device)
-        y, xq = _q0_linear_with_input(x, weight, bias, runtime)
         x2 = x.reshape(-1, x.shape[-1])
+        pair = x_stash = None
+        packs = runtime.packs_stash(p.q1)
+        if q0_sink is None and not (packs and _stash_shared(x2, p.q1, x, runtime)):
+            # Q0(x) along K and Q1(x) along tokens (packed or not) in one pass over x
+            pair = _quantize_pair(x2, p.q0, p.q1, runtime, pack_outer=packs)
+        if pair is not None:
+            xq, outer = pair
+            y = F.linear(xq.view(x.shape), weight_cache.quantize_weight(
+                runtime, weight, p.q0, -1, gen), bias)
+            if outer is not None and packs:
+                x_stash = outer
+                _share_stash(x2, p.q1, x, runtime, x_stash)
+            elif outer is not None:
+                x_stash = (outer,), None
+        else:
+            y, xq = _q0_linear_with_input(x, weight, bias, runtime)
         if q0_sink is not None:  # the output projection: Q0(x) for recomputing the logits
             q0_sink.append(_pack_stash(x2, p.q0, -1, runtime, gen,
                                        q=xq.reshape(x2.shape)))
-        _save_stashes(
-            ctx,
-            _stash(x2, p.q1, 0, runtime, gen, share_with=x),
-            _weight_stash(weight, p.q1, runtime, gen),
-        )
+        if x_stash is None:
+            x_stash = _stash(x2, p.q1, 0, runtime, gen, share_with=x)
+        _save_stashes(ctx, x_stash, _weight_stash(weight, p.q1, runtime, gen))
         ctx.runtime, ctx.precision, ctx.has_bias = runtime, p, bias is not None
         ctx.x_shape = x.shape
+        # both gradients from one read of grad_y (not for the output projection, where the
+        # second [tokens, vocab] temporary would raise the peak memory of backward)
+        ctx.pair_grads = q0_sink is None
         return y
 
     @staticmethod
@@ -226,13 +283,19 @@ class _DSQLinearFunction(torch.autograd.Function):
         scheme, gen = runtime.scheme, runtime.generator(grad_y.device)
         g = grad_y.reshape(-1, grad_y.shape[-1])
         grad_x = grad_w = grad_b = None
+        g2 = g3 = None  # Q2(g) along N, Q3(g) along tokens
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and ctx.pair_grads:
+            g2, g3 = _quantize_pair(g, p.q2, p.q3, runtime) or (None, None)
         if ctx.needs_input_grad[0]:
-            dx = scheme.quantize(g, p.q2, dim=-1, generator=gen).mm(
-                _stash_q2(w_stash, p, 0, runtime, gen, is_weight=True)
-            )
+            if g2 is None:
+                g2 = scheme.quantize(g, p.q2, dim=-1, generator=gen)
+            dx = g2.mm(_stash_q2(w_stash, p, 0, runtime, gen, is_weight=True))
+            del g2
             grad_x = scheme.quantize(dx, p.q3, dim=-1, generator=gen).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            grad_w = scheme.quantize(g, p.q3, dim=0, generator=gen).t().mm(x_stash)
+            if g3 is None:
+                g3 = scheme.quantize(g, p.q3, dim=0, generator=gen)
+            grad_w = g3.t().mm(x_stash)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b, None, None
@@ -278,10 +341,16 @@ class _DSQMatmulFunction(torch.autograd.Function):
         # attention hands in transposed head views: one contiguous copy each here, instead of
         # one in every quantizer (Q0) and stash (Q1) that reads them
         a, b = a.contiguous(), b.contiguous()
-        c = _q0_matmul(a, b, runtime)
-        _save_stashes(
-            ctx, _stash(a, p.q1, -2, runtime, gen), _stash(b, p.q1, -1, runtime, gen)
-        )
+        packs = runtime.packs_stash(p.q1)
+        # Q0(a) along k and Q1(a) along m in one pass over a (None: not that kernel's case)
+        pair = _quantize_pair(a, p.q0, p.q1, runtime, pack_outer=packs)
+        if pair is None or pair[1] is None:
+            c = _q0_matmul(a, b, runtime)
+            a_stash = _stash(a, p.q1, -2, runtime, gen)
+        else:
+            c = torch.matmul(pair[0], runtime.scheme.quantize(b, p.q0, dim=-2, generator=gen))
+            a_stash = pair[1] if packs else ((pair[1],), None)
+        _save_stashes(ctx, a_stash, _stash(b, p.q1, -1, runtime, gen))
         ctx.runtime, ctx.precision = runtime, p
         return c
 
@@ -292,17 +361,19 @@ class _DSQMatmulFunction(torch.autograd.Function):
         scheme, gen = runtime.scheme, runtime.generator(grad_c.device)
         grad_c = grad_c.contiguous()  # quantized twice below (along n and along m)
         grad_a = grad_b = None
+        g_n = g_m = None  # Q2(grad_c) along n, along m: one pass when both are needed
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            g_n, g_m = _quantize_pair(grad_c, p.q2, p.q2, runtime) or (None, None)
         if ctx.needs_input_grad[0]:
-            da = torch.matmul(
-                scheme.quantize(grad_c, p.q2, dim=-1, generator=gen),
-                _stash_q2(b_stash, p, -1, runtime, gen).transpose(-1, -2),
-            )
+            if g_n is None:
+                g_n = scheme.quantize(grad_c, p.q2, dim=-1, generator=gen)
+            da = torch.matmul(g_n, _stash_q2(b_stash, p, -1, runtime, gen).transpose(-1, -2))
+            del g_n
             grad_a = scheme.quantize(da, p.q3, dim=-1, generator=gen)
         if ctx.needs_input_grad[1]:
-            db = torch.matmul(
-                _stash_q2(a_stash, p, -2, runtime, gen).transpose(-1, -2),
-                scheme.quantize(grad_c, p.q2, dim=-2, generator=gen),
-            )
+            if g_m is None:
+                g_m = scheme.quantize(grad_c, p.q2, dim=-2, generator=gen)
+            db = torch.matmul(_stash_q2(a_stash, p, -2, runtime, gen).transpose(-1, -2), g_m)
             grad_b = scheme.quantize(db, p.q3, dim=-2, generator=gen)
         return grad_a, grad_b, None
 

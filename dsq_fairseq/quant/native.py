@@ -34,13 +34,13 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 __all__ = ["available", "available_for", "bfp_pack", "bfp_quantize", "bfp_unpack", "set_enabled",
-           "mask_apply", "mask_pack", "supports_pack"]
+           "bfp_pair", "mask_apply", "mask_pack", "supports_pack", "supports_pair"]
 
 _SOURCE = Path(__file__).with_name("native_kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
@@ -111,6 +111,8 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.dsq_bfp_pack.restype = i32
         lib.dsq_bfp_unpack.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i32, i32, i32]
         lib.dsq_bfp_unpack.restype = None
+        lib.dsq_bfp_pair.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32, i32, i32, i32]
+        lib.dsq_bfp_pair.restype = i32
         for name in ("dsq_codes_join", "dsq_codes_split"):
             getattr(lib, name).argtypes = [ptr, ptr, i64, i32, i32]
             getattr(lib, name).restype = None
@@ -226,6 +228,39 @@ def bfp_unpack(codes: Tensor, exps: Tensor, shape: torch.Size, width: int, block
     _lib.dsq_bfp_unpack(codes.data_ptr(), exps.data_ptr(), out.data_ptr(), p, n, q, block_size,
                         width, width if direct else 8, threads)
     return out
+
+
+def supports_pair(x: Tensor, block_size: int) -> bool:
+    """Whether :func:`bfp_pair` takes ``x``: :func:`available`, at least 2-D, blocks of 16 and a
+    last dim that is a multiple of 16."""
+    return (block_size == 16 and x.dim() >= 2 and x.shape[-1] % 16 == 0 and available(x))
+
+
+def bfp_pair(x: Tensor, width_last: int, width_outer: int, exponent_bits: int,
+             pack_outer: bool = False) -> Tuple[Tensor, Union[Tensor, Tuple[Tensor, Tensor], None]]:
+    """Two BFP round-to-nearest quantizations of ``x`` (:func:`supports_pair`, blocks of 16,
+    widths 2..31) in one pass over it: along the last dim at ``width_last``, and along the
+    second-to-last at ``width_outer`` -- as an fp32 tensor, or with ``pack_outer`` as the
+    ``(codes, exponents)`` of :func:`bfp_pack` (``width_outer`` 2/4/8; ``None`` when ``x``
+    holds a NaN or inf). Each bit-identical to :func:`bfp_quantize` / :func:`bfp_pack`."""
+    xc = x.detach().contiguous()
+    q = xc.shape[-1]
+    n = xc.shape[-2]
+    p = xc.numel() // (n * q) if xc.numel() else 0
+    out_r = torch.empty_like(xc, memory_format=torch.contiguous_format)
+    out_c = codes = exps = None
+    if pack_outer:
+        codes = torch.empty(-(-xc.numel() // 8) * width_outer, dtype=torch.uint8)
+        exps = torch.empty((*xc.shape[:-2], -(-n // 16), 1, q), dtype=torch.int8)
+    else:
+        out_c = torch.empty_like(out_r)
+    ptr = (lambda t: None if t is None else t.data_ptr())  # noqa: E731
+    ok = _lib.dsq_bfp_pair(xc.data_ptr(), out_r.data_ptr(), ptr(out_c), ptr(codes), ptr(exps),
+                           p, n, q, width_last, width_outer, 2 ** (exponent_bits - 1) - 1,
+                           torch.get_num_threads())
+    if not pack_outer:
+        return out_r, out_c
+    return out_r, ((codes, exps.view(p, -(-n // 16), 1, q)) if ok else None)
 
 
 MASK_NONZERO, MASK_NOT_POSITIVE = 0, 1

@@ -78,12 +78,11 @@ static inline __mmask16 nonfinite(__m512 v) {
   return _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(3.40282347e38f), _CMP_NLE_UQ);
 }
 
-/* 16 blocks of 16 contiguous floats at xb: lane i = NaN-free max |x| of block i. */
-static inline __m512 max16x16(const float* xb) {
+/* 16 vectors v[i]: lane i of the result = NaN-free max |v[i]| (a transposing max tree). */
+static inline __m512 max16x16v(const __m512* v) {
   __m512 a[8], b[4], c[2];
   for (int i = 0; i < 8; ++i) {
-    const __m512 v0 = mag(_mm512_loadu_ps(xb + 32 * i));
-    const __m512 v1 = mag(_mm512_loadu_ps(xb + 32 * i + 16));
+    const __m512 v0 = mag(v[2 * i]), v1 = mag(v[2 * i + 1]);
     a[i] = _mm512_max_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));
   }
   for (int i = 0; i < 4; ++i)
@@ -94,6 +93,13 @@ static inline __m512 max16x16(const float* xb) {
                          _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
   return _mm512_max_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
                        _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+/* 16 blocks of 16 contiguous floats at xb: lane i = NaN-free max |x| of block i. */
+static inline __m512 max16x16(const float* xb) {
+  __m512 v[16];
+  for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_ps(xb + 16 * i);
+  return max16x16v(v);
 }
 
 /* NaN-free max |x| over `len` contiguous floats (as a broadcast vector), and whether any
@@ -442,6 +448,58 @@ void dsq_codes_split(const uint8_t* in, uint8_t* c8, int64_t n, int w, int nthre
     const __m128i b = _mm_maskz_loadu_epi8(byte_mask((r + 7) / 8 * 8, w), in + 16 * c * w / 8);
     _mm_mask_storeu_epi8(c8 + 16 * c, lane_mask(r), split_codes(b, w));
   }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Two quantizations of one tensor in one read: x [P, n, Q], Q % 16 == 0, blocks of 16 both
+ * ways. out_r: along Q (the contiguous last dim) at width wr; along n ("cols") at width wc,
+ * either fp32 into out_c (codes_c == NULL) or packed straight into codes_c / exps_c
+ * ([P, nblocks, Q] int8; stream rules of dsq_bfp_pack with wj == wc). Each 16 x 16 tile is
+ * loaded once: its per-row maxima (max16x16v) and per-lane maxima give both sets of factors.
+ * Returns 0 when packing met a NaN or inf (codes_c / exps_c then undefined; out_r is valid). */
+int dsq_bfp_pair(const float* x, float* out_r, float* out_c, uint8_t* codes_c, int8_t* exps_c,
+                 int64_t P, int64_t n, int64_t Q, int wr, int wc, int emax, int nthreads) {
+  const int64_t nb = (n + 15) / 16;
+  const __m512 qmax_r = _mm512_set1_ps((float)((1 << (wr - 1)) - 1));
+  const __m512 qmax_c = _mm512_set1_ps((float)((1 << (wc - 1)) - 1));
+  int bad = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : bad) \
+    if (P * n * Q > PAR_MIN)
+  for (int64_t t = 0; t < P * nb; ++t) {
+    const int64_t p = t / nb, s = (t - p * nb) * 16;
+    const int64_t len = n - s < 16 ? n - s : 16;
+    const float* xb = x + (p * n + s) * Q;
+    for (int64_t c = 0; c < Q; c += 16) {
+      __m512 v[16];
+      __m512 acc = _mm512_setzero_ps();
+      __mmask16 nf = 0;
+      for (int i = 0; i < 16; ++i) {
+        v[i] = i < len ? _mm512_loadu_ps(xb + i * Q + c) : _mm512_setzero_ps();
+        acc = _mm512_max_ps(mag(v[i]), acc);
+        nf |= nonfinite(v[i]);
+      }
+      const factors_t fc = pow2_factors(acc, wc - 2, emax);
+      const factors_t fr = pow2_factors(max16x16v(v), wr - 2, emax);
+      lanes_t l;
+      store_factors(&fr, &l);
+      if (codes_c) {
+        bad |= nf != 0;
+        _mm_storeu_si128((__m128i*)(exps_c + t * Q + c), _mm512_cvtepi32_epi8(fc.e));
+      }
+      for (int64_t i = 0; i < len; ++i) {
+        const int64_t pos = (p * n + s + i) * Q + c;
+        _mm512_storeu_ps(out_r + pos, quantize(v[i], lane(l.up_a, (int)i), lane(l.up_b, (int)i),
+                                               lane(l.down_a, (int)i), lane(l.down_b, (int)i),
+                                               qmax_r));
+        if (codes_c)
+          store_codes(codes_c, pos, 16, v[i], fc.up_a, fc.up_b, qmax_c, wc, wc);
+        else
+          _mm512_storeu_ps(out_c + pos,
+                           quantize(v[i], fc.up_a, fc.up_b, fc.down_a, fc.down_b, qmax_c));
+      }
+    }
+  }
+  return !bad;
 }
 
 /* ---------------------------------------------------------------------------------------- */
