@@ -51,17 +51,14 @@ class _Dropout1Bit(torch.autograd.Function):
     def forward(ctx, x: Tensor, p: float) -> Tensor:  # type: ignore[override]
         if x.is_cuda:
             y, mask = torch.native_dropout(x, p, True)
+            bits = pack_mask(mask)
         else:  # at::native::_dropout_impl, op for op
             noise = torch.empty_like(x).bernoulli_(1 - p)
-            if native.available(noise):  # the bits of noise != 0 in one pass
-                mask = None
-                ctx.save_for_backward(native.mask_pack(noise, native.MASK_NONZERO))
-            else:
-                mask = noise != 0
+            bits = (native.mask_pack(noise, native.MASK_NONZERO) if native.available(noise)
+                    else pack_mask(noise != 0))  # the bits of noise != 0
             noise.div_(1 - p)
             y = x * noise
-        if mask is not None:
-            ctx.save_for_backward(pack_mask(mask))
+        ctx.save_for_backward(bits)
         ctx.p, ctx.shape, ctx.cuda = p, x.shape, x.is_cuda
         return y
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence, Tuple
+
 from torch import Tensor
 
 
@@ -14,3 +16,14 @@ def pad_rows(t3: Tensor, pad: int) -> Tensor:
     out[:, :n].copy_(t3)
     out[:, n:].zero_()
     return out
+
+
+def pnq(shape: Sequence[int], dim: int) -> Tuple[int, int, int]:
+    """``(P, n, Q)``: the sizes before, at and after ``dim`` (``(1, 1, 1)`` for a 0-d shape)."""
+    p = 1
+    for s in shape[:dim]:
+        p *= s
+    q = 1
+    for s in shape[dim + 1:]:
+        q *= s
+    return p, (shape[dim] if len(shape) else 1), q

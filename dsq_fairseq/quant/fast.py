@@ -58,6 +58,7 @@ from torch import Tensor
 from . import _validate as v
 from . import native
 from ._blocks import pad_rows
+from ._blocks import pnq as _pnq
 from .bfp import _exp2_halves, shared_exponent_from_bits
 from .bfp import bfp_quantize as ref_bfp_quantize
 from .fixed import FIXED_EXPONENT_BITS
@@ -442,17 +443,6 @@ def _fp32(x: Tensor) -> Tensor:
     """``x`` detached, contiguous, in fp32: the graphs are fp32-only (one compile serves
     fp32/bf16/fp16; the references compute bf16/fp16 in fp32 too and cast back at the end)."""
     return x.detach().to(torch.float32).contiguous()
-
-
-def _pnq(shape: torch.Size, dim: int) -> Tuple[int, int, int]:
-    """``(P, n, Q)``: the sizes before, at and after ``dim`` (``(1, 1, 1)`` for a 0-d shape)."""
-    p = 1
-    for s in shape[:dim]:
-        p *= s
-    q = 1
-    for s in shape[dim + 1:]:
-        q *= s
-    return p, (shape[dim] if len(shape) else 1), q
 
 
 def bfp_quantize(

@@ -39,6 +39,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from ._blocks import pnq as _pnq
+
 __all__ = ["available", "available_for", "bfp_pack", "bfp_quantize", "bfp_unpack", "set_enabled",
            "bfp_pair", "mask_apply", "mask_pack", "supports_pack", "supports_pair"]
 
@@ -144,23 +146,13 @@ def available(x: Tensor) -> bool:
     return x.dtype == torch.float32 and x.numel() > 0 and available_for(x)
 
 
-def _pnq(shape: torch.Size, dim: int) -> Tuple[int, int, int]:
-    p = 1
-    for s in shape[:dim]:
-        p *= s
-    q = 1
-    for s in shape[dim + 1:]:
-        q *= s
-    return p, shape[dim], q
-
-
 def bfp_quantize(x: Tensor, width: int, exponent_bits: int, block_size: int, dim: int) -> Tensor:
     """``bfp.bfp_quantize(x, width, exponent_bits, block_size, dim, "nearest")`` for a CPU fp32
     ``x`` (:func:`available`), validated arguments, ``dim >= 0``, ``width < 32``: a new
     contiguous tensor of ``x``'s shape, bit-identical."""
     xc = x.detach().contiguous()
     out = torch.empty_like(xc, memory_format=torch.contiguous_format)
-    p, n, q = _pnq(xc.shape, dim) if xc.dim() else (1, 1, 1)
+    p, n, q = _pnq(xc.shape, dim)
     _lib.dsq_bfp_quantize(xc.data_ptr(), out.data_ptr(), p, n, q, block_size, width - 2,
                           float(2 ** (width - 1) - 1), 2 ** (exponent_bits - 1) - 1,
                           torch.get_num_threads())
