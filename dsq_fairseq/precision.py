@@ -238,9 +238,14 @@ class QuantScheme:
         dim: int = -1,
         is_weight: bool = False,
         generator: Optional[torch.Generator] = None,
+        overwrite: bool = False,
     ) -> torch.Tensor:
         """Fake-quantize ``x`` to ``width`` bits (or the MX format ``width`` names), blocks/vectors
         along ``dim``; same shape/dtype.
+
+        ``overwrite``: the caller owns ``x`` and drops it (a GEMM's fresh output), so the result
+        may be written over ``x`` (BFP round-to-nearest on the native kernel:
+        :func:`~dsq_fairseq.quant.fast.bfp_quantize_`); same values either way.
 
         ``width >= 32`` or format ``none`` returns ``x`` itself (no copy). BFP/Fixed/Int run the
         fused fast path (:mod:`dsq_fairseq.quant.fast`, bit-identical to the reference) for
@@ -260,6 +265,8 @@ class QuantScheme:
                 f"point is one of {_mx_allowed()}"
             )
         if self.format == "bfp" and self.rounding == "nearest" and native.available(x):
+            if overwrite:
+                return fast.bfp_quantize_(x, width, self.exponent_bits, self.block_size, dim)
             impl = fast  # its native C kernel: no compile, worth it at any size
         else:
             impl = fast if fast.wanted(x) else _reference

@@ -45,6 +45,36 @@ def test_quantize_bit_identical(width, monkeypatch):
             assert_bits(got, ref.bfp_quantize(x, width, e, block, dim))
 
 
+@pytest.mark.parametrize("width", [2, 4, 16])
+def test_quantize_in_place_bit_identical(width, monkeypatch):
+    """``fast.bfp_quantize_`` writes the same bits over its input (every layout branch reads a
+    whole block before writing it) and returns that very tensor; where the kernel can't take
+    the input (not contiguous, needs a gradient) it returns a new tensor, same values."""
+    _native_only(monkeypatch)
+    for i, (shape, dim, block) in enumerate(LAYOUTS):
+        x = nasty(shape, seed=i)
+        want = ref.bfp_quantize(x, width, 8, block, dim)
+        y = x.clone()
+        got = fast.bfp_quantize_(y, width, 8, block, dim)
+        assert got.data_ptr() == y.data_ptr()
+        assert_bits(got, want)
+        assert_bits(y, want)
+    x = nasty((64, 48), seed=1)
+    xt = x.t()  # not contiguous: left alone
+    got = fast.bfp_quantize_(xt, 4, dim=0)
+    assert_bits(got, ref.bfp_quantize(xt, 4, dim=0))
+    assert_bits(x, nasty((64, 48), seed=1))
+    leaf = x.clone().requires_grad_(True)
+    got = fast.bfp_quantize_(leaf, 4)
+    assert got.data_ptr() != leaf.data_ptr()
+    assert_bits(leaf.detach(), x)
+    scheme = QuantScheme("bfp")
+    y = x.clone()
+    assert scheme.quantize(y, 4, dim=0, overwrite=True) is y
+    assert_bits(y, ref.bfp_quantize(x, 4, dim=0))
+    assert scheme.quantize(y, 32, overwrite=True) is y  # full precision: untouched
+
+
 def test_nan_payloads_and_non_fp32_inputs():
     x = nasty((32, 32), seed=5)
     x.view(torch.int32)[3, 3] = 0x7FC00123  # a quiet NaN with a payload: kept, as the reference

@@ -291,7 +291,9 @@ class _DSQLinearFunction(torch.autograd.Function):
                 g2 = scheme.quantize(g, p.q2, dim=-1, generator=gen)
             dx = g2.mm(_stash_q2(w_stash, p, 0, runtime, gen, is_weight=True))
             del g2
-            grad_x = scheme.quantize(dx, p.q3, dim=-1, generator=gen).view(ctx.x_shape)
+            # dx is this call's own fresh GEMM output: Q3 may overwrite it
+            grad_x = scheme.quantize(dx, p.q3, dim=-1, generator=gen, overwrite=True)
+            grad_x = grad_x.view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             if g3 is None:
                 g3 = scheme.quantize(g, p.q3, dim=0, generator=gen)
@@ -369,12 +371,12 @@ class _DSQMatmulFunction(torch.autograd.Function):
                 g_n = scheme.quantize(grad_c, p.q2, dim=-1, generator=gen)
             da = torch.matmul(g_n, _stash_q2(b_stash, p, -1, runtime, gen).transpose(-1, -2))
             del g_n
-            grad_a = scheme.quantize(da, p.q3, dim=-1, generator=gen)
+            grad_a = scheme.quantize(da, p.q3, dim=-1, generator=gen, overwrite=True)
         if ctx.needs_input_grad[1]:
             if g_m is None:
                 g_m = scheme.quantize(grad_c, p.q2, dim=-2, generator=gen)
             db = torch.matmul(_stash_q2(a_stash, p, -2, runtime, gen).transpose(-1, -2), g_m)
-            grad_b = scheme.quantize(db, p.q3, dim=-2, generator=gen)
+            grad_b = scheme.quantize(db, p.q3, dim=-2, generator=gen, overwrite=True)
         return grad_a, grad_b, None
 
 

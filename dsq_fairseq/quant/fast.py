@@ -445,6 +445,24 @@ def _fp32(x: Tensor) -> Tensor:
     return x.detach().to(torch.float32).contiguous()
 
 
+def bfp_quantize_(x: Tensor, width: int, exponent_bits: int = 8, block_size: int = 16,
+                  dim: int = -1) -> Tensor:
+    """:func:`bfp_quantize` round-to-nearest written over ``x`` (returned) where the native
+    kernel takes ``x`` (a contiguous CPU fp32 tensor that needs no gradient); otherwise the
+    result is a new tensor as from :func:`bfp_quantize`. Same values bit for bit. For callers
+    that own ``x`` and drop it afterwards (a GEMM's fresh output): no second buffer."""
+    if (_enabled and isinstance(x, Tensor) and native.available(x) and x.is_contiguous()
+            and not x.requires_grad):
+        width = v.check_width(width)
+        exponent_bits = v.check_exponent_bits(exponent_bits)
+        block_size = v.check_block_size(block_size)
+        dim = v.check_dim(x, dim)
+        if width == 32:
+            return x
+        return native.bfp_quantize(x, width, exponent_bits, block_size, dim, inplace=True)
+    return bfp_quantize(x, width, exponent_bits, block_size, dim)
+
+
 def bfp_quantize(
     x: Tensor,
     width: int,

@@ -146,17 +146,22 @@ def available(x: Tensor) -> bool:
     return x.dtype == torch.float32 and x.numel() > 0 and available_for(x)
 
 
-def bfp_quantize(x: Tensor, width: int, exponent_bits: int, block_size: int, dim: int) -> Tensor:
+def bfp_quantize(x: Tensor, width: int, exponent_bits: int, block_size: int, dim: int,
+                 inplace: bool = False) -> Tensor:
     """``bfp.bfp_quantize(x, width, exponent_bits, block_size, dim, "nearest")`` for a CPU fp32
     ``x`` (:func:`available`), validated arguments, ``dim >= 0``, ``width < 32``: a new
-    contiguous tensor of ``x``'s shape, bit-identical."""
+    contiguous tensor of ``x``'s shape, bit-identical; with ``inplace`` (a contiguous ``x``)
+    written over ``x`` itself and ``x`` returned (every kernel reads a whole block before it
+    writes any of it)."""
     xc = x.detach().contiguous()
-    out = torch.empty_like(xc, memory_format=torch.contiguous_format)
+    if inplace and xc.data_ptr() != x.data_ptr():
+        raise ValueError("bfp_quantize(inplace=True) needs a contiguous tensor")
+    out = xc if inplace else torch.empty_like(xc, memory_format=torch.contiguous_format)
     p, n, q = _pnq(xc.shape, dim)
     _lib.dsq_bfp_quantize(xc.data_ptr(), out.data_ptr(), p, n, q, block_size, width - 2,
                           float(2 ** (width - 1) - 1), 2 ** (exponent_bits - 1) - 1,
                           torch.get_num_threads())
-    return out
+    return x if inplace else out
 
 
 def _direct(shape: torch.Size, width: int, dim: int, block_size: int) -> bool:
