@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from dsq_fairseq import heap
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -74,9 +76,14 @@ def toy_data_bin(root: Path) -> Path:
     return root / "bin"
 
 
-def train_once(data_bin: Path, work: Path, config: List[str], dims: List[str], updates: int
-               ) -> Dict[str, float]:
+def train_once(data_bin: Path, work: Path, config: List[str], dims: List[str], updates: int,
+               heap_reuse: bool = True) -> Dict[str, float]:
     env = dict(os.environ)
+    if heap_reuse:  # every configuration, the FP32 baseline included: the same allocator
+        env.update(heap.ENVIRONMENT)
+    else:  # glibc's defaults for everyone: the DSQ task must not set its own either
+        config = [*config, "--dsq-no-heap-reuse"] if "dsq_translation" in config \
+            else config
     env.update(c.split("=", 1) for c in config if "=" in c and not c.startswith("-"))
     config = [c for c in config if not ("=" in c and not c.startswith("-"))]
     cmd = [
@@ -116,6 +123,10 @@ def main(argv: List[str] = None) -> Dict:
     parser.add_argument("--warmup-updates", type=int, default=3,
                         help="one unmeasured run of each configuration first (fills the "
                              "torch.compile caches of the fast quantizers); 0 = none")
+    parser.add_argument("--heap", choices=("reuse", "default"), default="reuse",
+                        help="reuse: every run keeps freed memory for reuse (glibc thresholds "
+                             "from dsq_fairseq.heap.ENVIRONMENT; the DSQ task sets them itself by "
+                             "default); default: glibc's defaults for every run")
     args = parser.parse_args(argv)
     names = args.configs.split(",")
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
@@ -124,12 +135,12 @@ def main(argv: List[str] = None) -> Dict:
         runs: Dict[str, List[Dict[str, float]]] = {n: [] for n in names}
         for name in names if args.warmup_updates > 0 else ():
             train_once(data_bin, Path(tmp), CONFIGS[name], DIMS[args.arch_dims],
-                       args.warmup_updates)
+                       args.warmup_updates, args.heap == "reuse")
         for _ in range(args.repeats):
             for name in names:  # interleaved: each round measures every configuration
                 runs[name].append(
                     train_once(data_bin, Path(tmp), CONFIGS[name], DIMS[args.arch_dims],
-                               args.updates)
+                               args.updates, args.heap == "reuse")
                 )
                 print(json.dumps({name: runs[name][-1]}), file=sys.stderr, flush=True)
     fp32 = runs.get("fp32_fairseq")
@@ -142,6 +153,7 @@ def main(argv: List[str] = None) -> Dict:
         "arch_dims": args.arch_dims,
         "threads": int(os.environ["OMP_NUM_THREADS"]),
         "warmup_updates": args.warmup_updates,
+        "heap": args.heap,
         "dsq_fast": os.environ.get("DSQ_FAST", "1"),
         "configs": {},
     }

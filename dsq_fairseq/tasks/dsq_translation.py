@@ -11,6 +11,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
+from dsq_fairseq import heap
 from dsq_fairseq.cost.accounting import RunCostTracker
 from dsq_fairseq.errors import user_errors_exit_cleanly
 from dsq_fairseq.nn import weight_cache
@@ -37,6 +38,15 @@ class DSQTranslationConfig(TranslationConfig):
         metadata={
             "help": "if set, every rank appends each validation round (update, valid loss, level, "
             "parameter SHA-256) to DIR/dsq_trace_rank{R}.jsonl"
+        },
+    )
+    dsq_no_heap_reuse: bool = field(
+        default=False,
+        metadata={
+            "help": "leave glibc's malloc as it is; by default the task keeps freed host memory "
+            "in the heap for reuse (mmap and trim thresholds 1 GiB, dsq_fairseq/heap.py), so "
+            "DSQ's tensor-sized temporaries don't page-fault on every allocation; the process "
+            "then keeps its peak heap mapped. No effect outside glibc"
         },
     )
 
@@ -75,6 +85,8 @@ class DSQTranslationTask(TranslationTask):
 
     def __init__(self, cfg: DSQTranslationConfig, src_dict, tgt_dict) -> None:
         super().__init__(cfg, src_dict, tgt_dict)
+        if not cfg.dsq_no_heap_reuse:
+            heap.reuse_freed_memory()
         self._schedule: Optional[PrecisionSchedule] = None
         self._cost = RunCostTracker(cfg)
 
