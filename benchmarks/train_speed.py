@@ -9,8 +9,8 @@ such as compiling the fast quantizers (which a first, unmeasured ``--warmup-upda
 configuration also moves to the on-disk compile cache). ``DSQ_FAST=0`` in the environment measures
 the eager reference quantizers instead.
 
-    python benchmarks/train_speed.py [--data-bin DIR] [--updates 30] [--repeats 3]
-        [--arch-dims demo]
+    python benchmarks/train_speed.py [--data-bin DIR] [--updates 12] [--repeats 3]
+        [--arch-dims iwslt|demo] [--heap reuse|default] [--configs a,b,...]
 
 Without ``--data-bin`` the built-in toy corpus is generated and preprocessed into a temp dir.
 """
@@ -115,9 +115,9 @@ def train_once(data_bin: Path, work: Path, config: List[str], dims: List[str], u
 def main(argv: List[str] = None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-bin", type=Path)
-    parser.add_argument("--updates", type=int, default=30)
+    parser.add_argument("--updates", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--arch-dims", choices=sorted(DIMS), default="demo")
+    parser.add_argument("--arch-dims", choices=sorted(DIMS), default="iwslt")
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                         help=f"comma-separated subset of {', '.join(CONFIGS)}")
     parser.add_argument("--warmup-updates", type=int, default=3,
