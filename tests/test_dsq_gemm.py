@@ -205,3 +205,66 @@ def test_equal_q1_q2_skips_requantizing_the_stash_bit_identically(level):
     a_stash, b_stash = bfp(a.detach(), q1, -2), bfp(bm.detach(), q1, -1)
     assert torch.equal(ga, bfp(bfp(gm, q2, -1) @ bfp(b_stash, q2, -1).transpose(-1, -2), q3, -1))
     assert torch.equal(gb, bfp(bfp(a_stash, q2, -2).transpose(-1, -2) @ bfp(gm, q2, -2), q3, -2))
+
+
+@pytest.mark.parametrize("level", [(16, 4, 4, 16), (2, 2, 2, 16), (6, 3, 5, 4)])
+@pytest.mark.parametrize("d", [12, 10])
+def test_matmul_reads_attention_head_views_in_place(level, d):
+    """``Q K^T`` and ``P V`` on head views (``[T, B*H, d]`` transposed; ``K^T`` a permutation):
+    with ``d`` a multiple of the block the operands are quantized and stashed in their own
+    layout (:func:`head_storage`), otherwise copied first; either way the hand-built formulas
+    on contiguous copies, and the quantized operands bit for bit."""
+    from dsq_fairseq.nn.functional import _operand, head_storage, head_view
+
+    q0, q1, q2, q3 = level
+    gen = torch.Generator().manual_seed(3)
+    T, S, P = 9, 7, 6
+    q_rows = torch.randn(T, P, d, generator=gen, requires_grad=True)
+    k_rows = torch.randn(S, P, d, generator=gen, requires_grad=True)
+    v_rows = torch.randn(S, P, d, generator=gen, requires_grad=True)
+    rt = runtime(*level)
+    qh, kh, vh = (t.transpose(0, 1) for t in (q_rows, k_rows, v_rows))
+    layouts = [head_storage(t, rt) for t in (qh, kh.transpose(1, 2), vh)]
+    if d % BLOCK == 0:
+        assert [st.last_is for st in layouts] == [-1, -2, -1]
+    else:
+        assert layouts == [None, None, None]
+    for t, dims in ((qh, (-1, -2)), (kh.transpose(1, 2), (-2, -1)), (vh, (-2, -1))):
+        q, stash, layout = _operand(t.detach(), *dims, rt, None)
+        q_ref, stash_ref, _ = _operand(t.detach().contiguous(), *dims, rt, None)
+        assert torch.equal(q, q_ref)
+        from dsq_fairseq.nn.functional import unpack_stash
+        got = head_view(unpack_stash(*stash, rt), layout, t.shape)
+        assert torch.equal(got, unpack_stash(*stash_ref, rt))
+
+    g_w = torch.randn(P, T, S, generator=gen)
+    g_o = torch.randn(T, P, d, generator=gen)
+
+    def run():
+        w = dsq_matmul(qh, kh.transpose(1, 2), rt)
+        o = dsq_matmul(torch.softmax(w, -1), vh, rt)
+        return w, o.transpose(0, 1)  # [T, B*H, d]: its gradient arrives as a head view
+
+    for t in (q_rows, k_rows, v_rows):
+        t.grad = None
+    w, o = run()
+    torch.autograd.backward([w, o], [g_w, g_o])
+    got = [w.detach(), o.detach()] + [t.grad.clone() for t in (q_rows, k_rows, v_rows)]
+
+    def ref_matmul(a, b, g):
+        a_stash, b_stash = bfp(a, q1, -2), bfp(b, q1, -1)
+        c = bfp(a, q0, -1) @ bfp(b, q0, -2)
+        ga = bfp(bfp(g, q2, -1) @ bfp(b_stash, q2, -1).transpose(-1, -2), q3, -1)
+        gb = bfp(bfp(a_stash, q2, -2).transpose(-1, -2) @ bfp(g, q2, -2), q3, -2)
+        return c, ga, gb
+
+    qc, kc, vc = (t.detach().transpose(0, 1).contiguous() for t in (q_rows, k_rows, v_rows))
+    w_ref = bfp(qc, q0, -1) @ bfp(kc.transpose(1, 2).contiguous(), q0, -2)
+    pw = torch.softmax(w_ref, -1).requires_grad_(True)
+    o_ref, g_p, g_v = ref_matmul(pw.detach(), vc, g_o.transpose(0, 1).contiguous())
+    (g_w_total,) = torch.autograd.grad(torch.softmax(w_ref.requires_grad_(True), -1), w_ref, g_p)
+    _, g_q, g_kt = ref_matmul(qc, kc.transpose(1, 2).contiguous(), g_w + g_w_total)
+    want = [w_ref, o_ref.transpose(0, 1), g_q.transpose(0, 1), g_kt.permute(2, 0, 1),
+            g_v.transpose(0, 1)]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

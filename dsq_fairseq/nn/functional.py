@@ -335,37 +335,126 @@ def dsq_linear(
     return logits.attach_source(y, sink[0], x.shape, weight, bias, runtime, runtime.precision)
 
 
+class HeadStorage(NamedTuple):
+    """A 3-D operand ``t [P, m, n]`` that is a permuted view of a contiguous tensor, as the
+    attention's head views are: ``s``, that tensor as 2-D ``[rows, P * cols]`` (no copy), and
+    which dim of ``t`` is ``s``'s contiguous last dim (``last_is``; the other of ``t``'s two
+    matrix dims runs along ``s``'s rows).
+
+    * ``last_is == -1``: ``t == s.view(m, P, n).transpose(0, 1)`` (``[T, B*H, d]`` -> heads);
+    * ``last_is == -2``: ``t == s.view(n, P, m).permute(1, 2, 0)`` (the keys' ``K^T``).
+
+    Quantizing ``t`` along one of its matrix dims is quantizing ``s`` along the matching dim,
+    block for block, when blocks never straddle two heads: BFP round-to-nearest with the
+    ``last_is`` extent a multiple of the block size (:func:`head_storage`). So the matmul
+    quantizes and stashes head views without first copying them into ``[P, m, n]`` order.
+    """
+
+    s: torch.Tensor
+    last_is: int
+    shape: torch.Size
+
+    def sdim(self, tdim: int) -> int:
+        """The dim of ``s`` (``-1`` or ``0``) along which ``t``'s dim ``tdim`` (-1/-2) runs."""
+        return -1 if tdim == self.last_is else 0
+
+    def view(self, u: torch.Tensor) -> torch.Tensor:
+        """``u`` (laid out as ``s``) as a ``[P, m, n]`` view, the way ``t`` views ``s``."""
+        return head_view(u, self.last_is, self.shape)
+
+
+def head_view(u: torch.Tensor, last_is: Optional[int], shape: torch.Size) -> torch.Tensor:
+    """:meth:`HeadStorage.view` from its parts (``last_is=None``: ``u`` is ``t``'s own layout)."""
+    if last_is is None:
+        return u
+    P, m, n = shape
+    if last_is == -1:
+        return u.view(m, P, n).transpose(0, 1)
+    return u.view(n, P, m).permute(1, 2, 0)
+
+
+def head_storage(t: torch.Tensor, runtime: DSQRuntime) -> Optional[HeadStorage]:
+    """The :class:`HeadStorage` of a non-contiguous 3-D ``t`` whose quantization it can stand
+    for (BFP, round-to-nearest, the ``last_is`` extent a multiple of the block size), else
+    ``None`` (the caller makes ``t`` contiguous)."""
+    scheme = runtime.scheme
+    if (t.dim() != 3 or t.is_contiguous() or scheme.format != "bfp"
+            or scheme.rounding != "nearest"):
+        return None
+    P, m, n = t.shape
+    if t.stride() == (n, P * n, 1) and n % scheme.block_size == 0:
+        return HeadStorage(t.transpose(0, 1).reshape(m, P * n), -1, t.shape)
+    if t.stride() == (m, 1, P * m) and m % scheme.block_size == 0:
+        return HeadStorage(t.permute(2, 0, 1).reshape(n, P * m), -2, t.shape)
+    return None
+
+
+def _operand(t: torch.Tensor, q_dim: int, stash_dim: int, runtime: DSQRuntime,
+             generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, Stash, Optional[int]]:
+    """``(Q0(t) along q_dim, the Q1 stash along stash_dim, its layout)`` of a matmul operand
+    (dims ``-1``/``-2`` of ``t``): one pass over ``t`` for both where the pair kernel applies
+    (the quantized dim contiguous, the stash along rows), a head view read in place
+    (:func:`head_storage`; the stash then holds ``s`` and its layout is ``last_is``, else
+    ``None``), bit-identical to quantizing ``t.contiguous()``."""
+    p = runtime.precision
+    packs = runtime.packs_stash(p.q1)
+    st = head_storage(t, runtime)
+    if st is None:
+        t = t.contiguous()
+        src, q_sdim, stash_sdim, last_is = t, q_dim, stash_dim, None
+    else:
+        src, q_sdim, stash_sdim, last_is = st.s, st.sdim(q_dim), st.sdim(stash_dim), st.last_is
+    if q_sdim == -1 and stash_sdim in (0, -2):
+        pair = _quantize_pair(src, p.q0, p.q1, runtime, pack_outer=packs)
+        if pair is not None and pair[1] is not None:
+            q, outer = pair
+            return (head_view(q, last_is, t.shape), outer if packs else ((outer,), None),
+                    last_is)
+    q = runtime.scheme.quantize(src, p.q0, dim=q_sdim, generator=generator)
+    stash = _stash(src, p.q1, stash_sdim, runtime, generator)
+    return head_view(q, last_is, t.shape), stash, last_is
+
+
 class _DSQMatmulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, runtime: DSQRuntime):  # type: ignore[override]
         p = runtime.precision
         gen = runtime.generator(a.device)
-        # attention hands in transposed head views: one contiguous copy each here, instead of
-        # one in every quantizer (Q0) and stash (Q1) that reads them
-        a, b = a.contiguous(), b.contiguous()
-        packs = runtime.packs_stash(p.q1)
-        # Q0(a) along k and Q1(a) along m in one pass over a (None: not that kernel's case)
-        pair = _quantize_pair(a, p.q0, p.q1, runtime, pack_outer=packs)
-        if pair is None or pair[1] is None:
+        # Q0(a) along k with Q1(a) along m; Q0(b) along k with Q1(b) along n. Attention hands
+        # in transposed head views: read in place where the blocks allow (head_storage), else
+        # one contiguous copy each here instead of one in every quantizer that reads them
+        if runtime.scheme.rounding == "nearest":
+            qa, a_stash, a_layout = _operand(a, -1, -2, runtime, gen)
+            qb, b_stash, b_layout = _operand(b, -2, -1, runtime, gen)
+            c = torch.matmul(qa, qb)
+        else:  # stochastic: the random draws in their documented order, Q0(a) Q0(b) Q1(a) Q1(b)
+            a, b = a.contiguous(), b.contiguous()
             c = _q0_matmul(a, b, runtime)
-            a_stash = _stash(a, p.q1, -2, runtime, gen)
-        else:
-            c = torch.matmul(pair[0], runtime.scheme.quantize(b, p.q0, dim=-2, generator=gen))
-            a_stash = pair[1] if packs else ((pair[1],), None)
-        _save_stashes(ctx, a_stash, _stash(b, p.q1, -1, runtime, gen))
+            a_stash, b_stash = _stash(a, p.q1, -2, runtime, gen), _stash(b, p.q1, -1, runtime, gen)
+            a_layout = b_layout = None
+        _save_stashes(ctx, a_stash, b_stash)
+        ctx.layouts = ((a_layout, a.shape), (b_layout, b.shape))
         ctx.runtime, ctx.precision = runtime, p
         return c
 
     @staticmethod
     def backward(ctx, grad_c):  # type: ignore[override]
-        a_stash, b_stash = _load_stashes(ctx)
+        a_stash, b_stash = (head_view(u, last_is, shape) for u, (last_is, shape)
+                            in zip(_load_stashes(ctx), ctx.layouts))
         runtime, p = ctx.runtime, ctx.precision
         scheme, gen = runtime.scheme, runtime.generator(grad_c.device)
-        grad_c = grad_c.contiguous()  # quantized twice below (along n and along m)
         grad_a = grad_b = None
         g_n = g_m = None  # Q2(grad_c) along n, along m: one pass when both are needed
+        st = head_storage(grad_c, runtime)
+        if st is None:
+            grad_c = grad_c.contiguous()  # quantized twice below (along n and along m)
         if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
-            g_n, g_m = _quantize_pair(grad_c, p.q2, p.q2, runtime) or (None, None)
+            if st is None:
+                g_n, g_m = _quantize_pair(grad_c, p.q2, p.q2, runtime) or (None, None)
+            elif st.last_is == -1:  # grad of P V: [T, B*H, d] rows, read in place
+                pair = _quantize_pair(st.s, p.q2, p.q2, runtime)
+                if pair is not None:
+                    g_n, g_m = st.view(pair[0]), st.view(pair[1])
         if ctx.needs_input_grad[0]:
             if g_n is None:
                 g_n = scheme.quantize(grad_c, p.q2, dim=-1, generator=gen)
