@@ -268,3 +268,51 @@ def test_matmul_reads_attention_head_views_in_place(level, d):
             g_v.transpose(0, 1)]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_linears_reading_one_input_share_its_q0_inside_a_block():
+    """Within ``runtime.sharing_inputs()`` the second and third linear reading the same tensor
+    reuse its ``Q0(x)`` (no quantizer call), with outputs and gradients bit for bit those of
+    separate linears; outside a block, after the input changed in place, and with stochastic
+    rounding nothing is shared."""
+    from dsq_fairseq.nn import functional
+
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.randn(20, 3, 32, generator=gen)
+    ws = [torch.randn(16, 32, generator=gen) for _ in range(3)]
+    gs = [torch.randn(20, 3, 16, generator=gen) for _ in range(3)]
+
+    def run(shared, rounding="nearest"):
+        rt = DSQRuntime(QuantScheme("bfp", rounding=rounding), Precision(16, 4, 4, 16), seed=2)
+        x = x0.clone().requires_grad_(True)
+        w = [t.clone().requires_grad_(True) for t in ws]
+        calls = []
+        real = functional._q0_linear_with_input
+        functional._q0_linear_with_input = lambda *a: calls.append(1) or real(*a)
+        try:
+            if shared:
+                with rt.sharing_inputs():
+                    ys = [dsq_linear(x, wi, None, rt) for wi in w]
+            else:
+                ys = [dsq_linear(x, wi, None, rt) for wi in w]
+        finally:
+            functional._q0_linear_with_input = real
+        torch.autograd.backward(ys, gs)
+        return [y.detach() for y in ys] + [x.grad] + [wi.grad for wi in w], len(calls)
+
+    plain, n_plain = run(False)
+    shared, n_shared = run(True)
+    assert n_plain - n_shared == 2  # the second and third linear quantize nothing
+    for a, b in zip(plain, shared):
+        assert torch.equal(a, b)
+    _, n_stochastic = run(True, "stochastic")
+    assert n_stochastic == 3
+    rt = runtime(16, 4, 4, 16)
+    x = x0.clone()
+    with rt.sharing_inputs():
+        key = (16, tuple(x.shape), rt.scheme)
+        rt.offer_q0(x, key, x)
+        assert rt.shared_q0(x, key) is x
+        x.add_(1)  # a new version: no longer the tensor Q0 was computed from
+        assert rt.shared_q0(x, key) is None
+    assert rt.shared_q0(x, key) is None and rt._q0_shared is None

@@ -252,6 +252,7 @@ class _DSQLinearFunction(torch.autograd.Function):
         if q0_sink is None and not (packs and _stash_shared(x2, p.q1, x, runtime)):
             # Q0(x) along K and Q1(x) along tokens (packed or not) in one pass over x
             pair = _quantize_pair(x2, p.q0, p.q1, runtime, pack_outer=packs)
+        q0_key = (p.q0, tuple(x.shape), runtime.scheme)
         if pair is not None:
             xq, outer = pair
             y = F.linear(xq.view(x.shape), weight_cache.quantize_weight(
@@ -261,8 +262,12 @@ class _DSQLinearFunction(torch.autograd.Function):
                 _share_stash(x2, p.q1, x, runtime, x_stash)
             elif outer is not None:
                 x_stash = (outer,), None
+        elif (xq := runtime.shared_q0(x, q0_key)) is not None:  # k/v after q: Q0(x) known
+            y = F.linear(xq.view(x.shape), weight_cache.quantize_weight(
+                runtime, weight, p.q0, -1, gen), bias)
         else:
             y, xq = _q0_linear_with_input(x, weight, bias, runtime)
+        runtime.offer_q0(x, q0_key, xq)
         if q0_sink is not None:  # the output projection: Q0(x) for recomputing the logits
             q0_sink.append(_pack_stash(x2, p.q0, -1, runtime, gen,
                                        q=xq.reshape(x2.shape)))

@@ -107,14 +107,17 @@ class DSQMultiheadAttention(MultiheadAttention):
             if static_kv and "prev_key" in saved_state:
                 key = value = None  # encoder keys/values of earlier steps are cached
 
-        q = self.q_proj(query) * self.scaling
-        if self.self_attention:
-            k, v = self.k_proj(query), self.v_proj(query)
-        elif key is None:
-            k = v = None
-        else:
-            k = self.k_proj(key)
-            v = self.v_proj(key if self.encoder_decoder_attention else value)
+        # the projections reading one input share its Q0 (runtime.sharing_inputs)
+        with self.dsq_runtime.sharing_inputs():
+            q = self.q_proj(query)
+            if self.self_attention:
+                k, v = self.k_proj(query), self.v_proj(query)
+            elif key is None:
+                k = v = None
+            else:
+                k = self.k_proj(key)
+                v = self.v_proj(key if self.encoder_decoder_attention else value)
+        q = q * self.scaling
 
         if self.bias_k is not None:
             k, v, attn_mask, key_padding_mask = self._add_bias(

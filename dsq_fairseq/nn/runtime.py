@@ -7,9 +7,10 @@ hold into the runtime whenever it changes or is loaded from a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -96,6 +97,7 @@ class DSQRuntime:
         self._generators: Dict[Tuple[str, Optional[int]], torch.Generator] = {}
         self.observers: List[GemmObserver] = []
         self._stash_cache: Dict[Tuple[int, Any], tuple] = {}
+        self._q0_shared: Optional[Dict[Tuple[int, Any], tuple]] = None
 
     def packs_stash(self, width: Point) -> bool:
         """Whether a q1 stash at ``width`` is kept packed (MX and fp32 points never are)."""
@@ -132,9 +134,41 @@ class DSQRuntime:
             weakref.ref(tensor), tensor._version, tuple(weakref.ref(t) for t in tensors), meta
         )
 
+    @contextlib.contextmanager
+    def sharing_inputs(self) -> Iterator[None]:
+        """A block (one attention's q/k/v projections) within which DSQ linears that read the
+        very same input tensor (same version) compute its ``Q0(x)`` once
+        (:meth:`shared_q0` / :meth:`offer_q0`; round-to-nearest only, which is deterministic,
+        so bit-identical). The block holds those tensors; they are dropped when it ends."""
+        outer = self._q0_shared
+        if outer is None:
+            self._q0_shared = {}
+        try:
+            yield
+        finally:
+            if outer is None:
+                self._q0_shared = None
+
+    def shared_q0(self, x: torch.Tensor, key: Any) -> Optional[torch.Tensor]:
+        """The ``Q0(x)`` another linear of the current :meth:`sharing_inputs` block offered for
+        this very ``x`` under ``key``, else ``None``."""
+        if self._q0_shared is None or self.scheme.rounding != "nearest":
+            return None
+        entry = self._q0_shared.get((id(x), key))
+        if entry is None or entry[0] is not x or entry[1] != x._version:
+            return None
+        return entry[2]
+
+    def offer_q0(self, x: torch.Tensor, key: Any, xq: torch.Tensor) -> None:
+        """Keep ``xq = Q0(x)`` for the other linears of the current block (no-op outside one
+        and with stochastic rounding)."""
+        if self._q0_shared is not None and self.scheme.rounding == "nearest":
+            self._q0_shared[(id(x), key)] = (x, x._version, xq)
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_stash_cache"] = {}  # weak references don't pickle
+        state["_q0_shared"] = None
         return state
 
     @property
