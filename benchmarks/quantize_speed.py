@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import time
@@ -25,6 +26,10 @@ import torch
 
 from dsq_fairseq.quant import bfp_quantize, fast, fast_pack, fixed_quantize, int_quantize
 from dsq_fairseq.quant.packing import PackedTensor, pack
+
+# importing fairseq's models runs logging.basicConfig(level=DEBUG) (wav2vec2_classification):
+# without this, every inductor cache lock is logged to stderr around the JSON
+logging.getLogger().setLevel(logging.WARNING)
 
 
 def _pack_cases(x: torch.Tensor, width: int) -> Dict[str, Dict[str, Callable]]:
