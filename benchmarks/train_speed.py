@@ -52,7 +52,12 @@ CONFIGS = {
                           "--dsq-format", "bfp", "--dsq-schedule", "16,4,4,16"],
     "dsq_bfp_2_2_2_16": ["--arch", "dsq_transformer_iwslt_de_en", "--task", "dsq_translation",
                          "--dsq-format", "bfp", "--dsq-schedule", "2,2,2,16"],
-    # diagnostics (not in the default set): eager reference quantizers, fp32 (unpacked) stash
+    # diagnostics (not in the default set): fairseq's own criterion (the FP32 run's; without
+    # the plugin's logits recompute, which trades one more vocabulary GEMM for the memory of the
+    # [tokens, vocab] log-probs), eager reference quantizers, fp32 (unpacked) stash
+    "dsq_bfp_16_4_4_16_fairseq_loss": ["--arch", "dsq_transformer_iwslt_de_en", "--task",
+                                       "dsq_translation", "--dsq-format", "bfp", "--dsq-schedule",
+                                       "16,4,4,16", "CRITERION=label_smoothed_cross_entropy"],
     "dsq_bfp_16_4_4_16_eager": ["DSQ_FAST=0", "--arch", "dsq_transformer_iwslt_de_en", "--task",
                                 "dsq_translation", "--dsq-format", "bfp", "--dsq-schedule",
                                 "16,4,4,16"],
@@ -84,15 +89,19 @@ def train_once(data_bin: Path, work: Path, config: List[str], dims: List[str], u
     else:  # glibc's defaults for everyone: the DSQ task must not set its own either
         config = [*config, "--dsq-no-heap-reuse"] if "dsq_translation" in config \
             else config
-    env.update(c.split("=", 1) for c in config if "=" in c and not c.startswith("-"))
+    settings = dict(c.split("=", 1) for c in config if "=" in c and not c.startswith("-"))
     config = [c for c in config if not ("=" in c and not c.startswith("-"))]
+    # as the scripts train: DSQ with the plugin's criterion (fairseq's numbers, recomputes the
+    # vocabulary GEMM in backward instead of keeping [tokens, vocab] log-probs), unless the
+    # configuration names one (CRITERION=...); the other NAME=VALUE items go to the environment
+    criterion = settings.pop("CRITERION", None) or (
+        "dsq_label_smoothed_cross_entropy" if "dsq_translation" in config
+        else "label_smoothed_cross_entropy")
+    env.update(settings)
     cmd = [
         str(BIN / "fairseq-train"), str(data_bin), "--user-dir", str(REPO / "dsq_fairseq"),
         *config, *dims, "--optimizer", "adam", "--lr", "5e-4", "--criterion",
-        # as the scripts train: DSQ with the plugin's criterion (fairseq's numbers, recomputes
-        # the vocabulary GEMM in backward instead of keeping [tokens, vocab] log-probs)
-        "dsq_label_smoothed_cross_entropy" if "dsq_translation" in config
-        else "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--dropout", "0.3",
+        criterion, "--label-smoothing", "0.1", "--dropout", "0.3",
         "--max-tokens", "4096", "--max-update", str(updates), "--seed", "1", "--cpu",
         "--no-save", "--disable-validation", "--log-format", "simple",
         "--log-interval", str(max(1, updates // 3)), "--save-dir", str(work),
