@@ -59,12 +59,24 @@ def _q0_linear(x, weight, bias, runtime: DSQRuntime) -> torch.Tensor:
     return _q0_linear_with_input(x, weight, bias, runtime)[0]
 
 
-def _q0_linear_with_input(x, weight, bias, runtime: DSQRuntime
+def _q0_linear_with_input(x, weight, bias, runtime: DSQRuntime,
+                          xq: Optional[torch.Tensor] = None
                           ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(Q0(x) @ Q0(W)^T + b, Q0(x))``: :func:`_q0_linear` and its quantized input."""
+    """``(Q0(x) @ Q0(W)^T + b, Q0(x))``: :func:`_q0_linear` and its quantized input.
+
+    ``Q0(x)`` is ``xq`` when the caller has it (any shape of ``x``'s elements), else the one
+    another linear of the current :meth:`DSQRuntime.sharing_inputs` block computed for this
+    very ``x``, else computed here; it is then offered to the rest of that block.
+    """
     p, scheme, gen = runtime.precision, runtime.scheme, runtime.generator(x.device)
-    xq = scheme.quantize(x, p.q0, dim=-1, generator=gen)
-    return F.linear(xq, weight_cache.quantize_weight(runtime, weight, p.q0, -1, gen), bias), xq
+    key = (p.q0, scheme)
+    if xq is None:
+        xq = runtime.shared_q0(x, key)
+    if xq is None:
+        xq = scheme.quantize(x, p.q0, dim=-1, generator=gen)
+    runtime.offer_q0(x, key, xq)
+    wq = weight_cache.quantize_weight(runtime, weight, p.q0, -1, gen)
+    return F.linear(xq.view(x.shape), wq, bias), xq
 
 
 def _q0_matmul(a, b, runtime: DSQRuntime) -> torch.Tensor:
@@ -252,22 +264,16 @@ class _DSQLinearFunction(torch.autograd.Function):
         if q0_sink is None and not (packs and _stash_shared(x2, p.q1, x, runtime)):
             # Q0(x) along K and Q1(x) along tokens (packed or not) in one pass over x
             pair = _quantize_pair(x2, p.q0, p.q1, runtime, pack_outer=packs)
-        q0_key = (p.q0, tuple(x.shape), runtime.scheme)
+        xq = None
         if pair is not None:
             xq, outer = pair
-            y = F.linear(xq.view(x.shape), weight_cache.quantize_weight(
-                runtime, weight, p.q0, -1, gen), bias)
             if outer is not None and packs:
                 x_stash = outer
                 _share_stash(x2, p.q1, x, runtime, x_stash)
             elif outer is not None:
                 x_stash = (outer,), None
-        elif (xq := runtime.shared_q0(x, q0_key)) is not None:  # k/v after q: Q0(x) known
-            y = F.linear(xq.view(x.shape), weight_cache.quantize_weight(
-                runtime, weight, p.q0, -1, gen), bias)
-        else:
-            y, xq = _q0_linear_with_input(x, weight, bias, runtime)
-        runtime.offer_q0(x, q0_key, xq)
+        # k/v after q inside an attention block: Q0(x) is known (runtime.sharing_inputs)
+        y, xq = _q0_linear_with_input(x, weight, bias, runtime, xq)
         if q0_sink is not None:  # the output projection: Q0(x) for recomputing the logits
             q0_sink.append(_pack_stash(x2, p.q0, -1, runtime, gen,
                                        q=xq.reshape(x2.shape)))
