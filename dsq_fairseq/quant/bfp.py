@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import _validate as v
 from ._format import WidthFormat
-from .rounding import apply_rounding_
+from .rounding import apply_rounding_, draw_key, uniform_like
 
 __all__ = ["BFP", "bfp_quantize", "pow2_block_quantize", "shared_exponent"]
 
@@ -86,6 +86,7 @@ def pow2_block_quantize(
     exponent_bits: int,
     rounding: str,
     generator: torch.Generator | None,
+    u: Tensor | None = None,
 ) -> Tensor:
     """Quantize ``x`` to the grid ``k * 2^(E - (w-2))``, ``|k| <= 2^(w-1) - 1``.
 
@@ -95,6 +96,8 @@ def pow2_block_quantize(
             (e.g. ``[..., nblocks, 1]`` against ``[..., nblocks, B]``, or a scalar).
         width: ``w`` in 2..31. exponent_bits: ``e`` in 2..8.
         rounding: ``"nearest"`` or ``"stochastic"``; generator: for stochastic.
+        u: stochastic only: the uniforms, ``x``'s shape (:mod:`.rounding`); ``None`` draws
+            them in ``x``'s own layout.
 
     Returns:
         New tensor of ``x``'s shape and dtype. The scaling by ``2**±shift`` is done as
@@ -117,7 +120,7 @@ def pow2_block_quantize(
     # the last product can round.
     y = x * up_a
     y.mul_(up_b)
-    y = apply_rounding_(y, rounding, generator)
+    y = apply_rounding_(y, rounding, generator, u)
     y.clamp_(-qmax, qmax)
     y.mul_(down_a)
     y.mul_(down_b)
@@ -157,8 +160,9 @@ def bfp_quantize(
         dim: the axis the blocks run along.
         rounding: ``"nearest"`` or ``"stochastic"``.
         generator: ``torch.Generator`` on ``x.device`` for stochastic rounding
-            (``None``: torch's default). The random draws cover the zero-padded
-            ``[..., nblocks, B]`` layout, so they depend on ``dim`` and ``block_size``.
+            (``None``: torch's default). One key per call; element ``i`` of ``x``
+            (row-major) rounds with ``u`` at index ``i`` (:mod:`.rounding`), so the draws
+            do not depend on ``dim`` or ``block_size``.
 
     Returns:
         A new contiguous tensor (except for width 32) with ``x``'s shape, dtype and
@@ -188,16 +192,23 @@ def bfp_quantize(
         xc = x.detach().to(_compute_dtype(x.dtype))
         if xc.dim() == 0:
             xc = xc.reshape(1)
-        xm = xc.movedim(dim, -1)
-        n = xm.shape[-1]
+        n = xc.shape[dim]
         nblocks = -(-n // block_size)
         pad = nblocks * block_size - n
-        if pad:
-            xm = F.pad(xm, (0, pad))
-        xb = xm.reshape(*xm.shape[:-1], nblocks, block_size)
+
+        def blocked(t: Tensor) -> Tensor:  # [..., nblocks, B] along dim, zero-padded
+            t = t.movedim(dim, -1)
+            if pad:
+                t = F.pad(t, (0, pad))
+            return t.reshape(*t.shape[:-1], nblocks, block_size)
+
+        xb = blocked(xc)
+        u = None
+        if rounding == "stochastic":  # drawn in x's layout, then blocked like x
+            u = blocked(uniform_like(draw_key(generator, xc.device), xc.shape))
         amax = nan_free_abs(xb).amax(dim=-1, keepdim=True)
-        q = pow2_block_quantize(xb, amax, width, exponent_bits, rounding, generator)
-        q = q.reshape(*xm.shape[:-1], nblocks * block_size)
+        q = pow2_block_quantize(xb, amax, width, exponent_bits, rounding, generator, u)
+        q = q.reshape(*q.shape[:-2], nblocks * block_size)
         if pad:
             q = q[..., :n]
         q = q.movedim(-1, dim).reshape(x.shape)

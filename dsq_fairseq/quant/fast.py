@@ -29,9 +29,10 @@ Differences from the references that do not change any value:
   across graphs of different widths (dynamo's unspecialized floats), giving wrong results;
 * bf16/fp16 inputs are converted to fp32 before the graph and the result back after it (the
   references compute in fp32 too): the graphs are fp32-only;
-* stochastic rounding draws ``u`` with exactly the reference's ``torch.rand`` call (same
-  shape and layout: the zero-padded ``[..., nblocks, B]`` blocks after ``movedim``), eagerly,
-  and passes a permuted view of it into the compiled function.
+* stochastic rounding draws the reference's key (:func:`.rounding.draw_key`) and its ``u``
+  (:func:`.rounding.uniform_like`, indexed in ``x``'s layout) eagerly, and passes a blocked
+  view of ``u`` into the compiled function; on CPU with AVX-512 the native BFP kernel computes
+  the same ``u`` in registers from the key instead (no tensor of random numbers).
 
 fp64, empty tensors and ``width == 32`` go to the reference functions. Any failure of
 ``torch.compile`` (no compiler, unsupported backend) disables the fast path for that variant with
@@ -58,6 +59,7 @@ from torch import Tensor
 from . import _validate as v
 from . import native
 from ._blocks import pad_rows
+from .rounding import draw_key, uniform_like
 from ._blocks import pnq as _pnq
 from .bfp import _exp2_halves, shared_exponent_from_bits
 from .bfp import bfp_quantize as ref_bfp_quantize
@@ -495,26 +497,29 @@ def bfp_quantize(
     p, n, q = _pnq(xd.shape, dim)
     nblocks = -(-n // block_size)
     pad = nblocks * block_size - n
-    u = None
-    if stochastic:  # the reference's draw: shape [*other dims, nblocks, B] after movedim
-        other = [s for i, s in enumerate(xd.shape) if i != dim]
-        u = torch.rand((*other, nblocks, block_size), generator=generator, device=xd.device,
-                       dtype=torch.float32)
+    u3 = None
+    if stochastic:  # the reference's stream: one key, u indexed in x's own layout
+        key = draw_key(generator, xd.device)
+        if native.available(xd):
+            out = native.bfp_quantize(xd, width, exponent_bits, block_size, dim, key=key)
+            return out.view(x.shape).to(x.dtype)
+        u3 = uniform_like(key, (p, n, q))
     x3 = xd.view(p, n, q)
     if pad and not stochastic:
         # a short tail block: reduced apart from the whole blocks, no padded copy
         out = _run_tail(x3 if q > 1 else x3.view(p, n), block_size,
                         (x.device.type, _constants(width, exponent_bits)), reference)
         return out.view(x.shape).to(x.dtype)
-    if pad:  # stochastic: u is drawn in the padded layout; pad x to match
+    if pad:  # stochastic: blocks zero-padded (x and u alike; u of a zero is never used)
         x3 = pad_rows(x3, pad)
+        u3 = pad_rows(u3, pad)
     if q == 1:  # blocks along the contiguous last dim: rows [M, B]
         xb = x3.view(p * nblocks, block_size)
-        ub = None if u is None else u.view(p * nblocks, block_size)
+        ub = None if u3 is None else u3.view(p * nblocks, block_size)
         axis, dyn = 1, (0,)
     else:
         xb = x3.view(p, nblocks, block_size, q)
-        ub = None if u is None else u.view(p, q, nblocks, block_size).permute(0, 2, 3, 1)
+        ub = None if u3 is None else u3.view(p, nblocks, block_size, q)
         axis, dyn = 2, (0, 1, 3)
     # sizes vary from call to call; the block size stays a compile-time constant
     out = _run_pow2(("bfp_factors", axis, x.device.type, _constants(width, exponent_bits)),
@@ -546,8 +551,7 @@ def fixed_quantize(
     stochastic = rounding == "stochastic"
     u1 = None
     if stochastic:
-        u1 = torch.rand(xd.shape, generator=generator, device=xd.device,
-                        dtype=torch.float32).view(-1)
+        u1 = uniform_like(draw_key(generator, xd.device), (xd.numel(),))
     out = _run_pow2(("fixed_factors", x.device.type, _constants(width, FIXED_EXPONENT_BITS)),
                     reference, _dynamic(xd.view(-1), (0,)), _dynamic(u1, (0,)), (0,))
     return out.view(x.shape).to(x.dtype)
@@ -582,8 +586,7 @@ def int_quantize(
     u3 = None
     if stochastic:  # the reference draws in the shape of x (of [1] for a 0-d x per vector)
         shape = (1,) if (xd.dim() == 0 and per_vector) else xd.shape
-        u3 = torch.rand(shape, generator=generator, device=xd.device,
-                        dtype=torch.float32).view(p, n, q)
+        u3 = uniform_like(draw_key(generator, xd.device), shape).view(p, n, q)
     key = ("int", per_vector, stochastic, x.device.type, _constants(width, 8))
     out = _run(key, reference, _dynamic(xd.view(p, n, q), (0, 1, 2)), _dynamic(u3, (0, 1, 2)))
     return out.view(x.shape).to(x.dtype)

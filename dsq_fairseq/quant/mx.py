@@ -217,6 +217,8 @@ def mx_quantize(
         dim: the axis the blocks run along (the reduction dimension of the consuming GEMM).
         rounding: ``"nearest"`` (ties to even) or ``"stochastic"`` (see :mod:`.rounding`).
         generator: ``torch.Generator`` on ``x.device`` for stochastic rounding.
+            One key per call (:mod:`.rounding`); ``u`` is indexed by the row-major position
+            in the zero-padded ``[..., nblocks, 32]`` block layout along ``dim``.
         block_size: 32 in every concrete MX format; other values are accepted for experiments.
 
     Returns:

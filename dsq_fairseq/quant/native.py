@@ -1,4 +1,5 @@
-"""Native CPU kernels (``native_kernels.c``, AVX-512): BFP round-to-nearest quantize, pack,
+"""Native CPU kernels (``native_kernels.c``, AVX-512): BFP quantize (round to nearest or
+stochastic, the random stream computed in registers), pack,
 unpack; 1-bit dropout / ReLU masks.
 
 Why: on CPU the inductor kernels of :mod:`.fast` split BFP into a reduction and an elementwise
@@ -109,6 +110,10 @@ def _load() -> Optional[ctypes.CDLL]:
         i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
         lib.dsq_bfp_quantize.argtypes = [ptr, ptr, i64, i64, i64, i64, i32, f32, i32, i32]
         lib.dsq_bfp_quantize.restype = None
+        u32 = ctypes.c_uint32
+        lib.dsq_bfp_quantize_sr.argtypes = [ptr, ptr, i64, i64, i64, i64, i32, f32, i32, u32, u32,
+                                            i32]
+        lib.dsq_bfp_quantize_sr.restype = None
         lib.dsq_bfp_pack.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i32, i32, f32, i32, i32]
         lib.dsq_bfp_pack.restype = i32
         lib.dsq_bfp_unpack.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i32, i32, i32]
@@ -147,20 +152,25 @@ def available(x: Tensor) -> bool:
 
 
 def bfp_quantize(x: Tensor, width: int, exponent_bits: int, block_size: int, dim: int,
-                 inplace: bool = False) -> Tensor:
+                 inplace: bool = False, key: Optional[Tensor] = None) -> Tensor:
     """``bfp.bfp_quantize(x, width, exponent_bits, block_size, dim, "nearest")`` for a CPU fp32
     ``x`` (:func:`available`), validated arguments, ``dim >= 0``, ``width < 32``: a new
     contiguous tensor of ``x``'s shape, bit-identical; with ``inplace`` (a contiguous ``x``)
     written over ``x`` itself and ``x`` returned (every kernel reads a whole block before it
-    writes any of it)."""
+    writes any of it). With ``key`` (int64 ``[2]``, :func:`.rounding.draw_key`):
+    ``rounding="stochastic"`` with that key's stream, ``u`` computed in the kernel."""
     xc = x.detach().contiguous()
     if inplace and xc.data_ptr() != x.data_ptr():
         raise ValueError("bfp_quantize(inplace=True) needs a contiguous tensor")
     out = xc if inplace else torch.empty_like(xc, memory_format=torch.contiguous_format)
     p, n, q = _pnq(xc.shape, dim)
-    _lib.dsq_bfp_quantize(xc.data_ptr(), out.data_ptr(), p, n, q, block_size, width - 2,
-                          float(2 ** (width - 1) - 1), 2 ** (exponent_bits - 1) - 1,
-                          torch.get_num_threads())
+    args = (xc.data_ptr(), out.data_ptr(), p, n, q, block_size, width - 2,
+            float(2 ** (width - 1) - 1), 2 ** (exponent_bits - 1) - 1)
+    if key is None:
+        _lib.dsq_bfp_quantize(*args, torch.get_num_threads())
+    else:
+        k0, k1 = key.tolist()
+        _lib.dsq_bfp_quantize_sr(*args, k0, k1, torch.get_num_threads())
     return x if inplace else out
 
 

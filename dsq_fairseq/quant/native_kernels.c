@@ -1,4 +1,4 @@
-/* Native CPU kernels (AVX-512): BFP round-to-nearest quantize, pack and unpack; 1-bit masks.
+/* Native CPU kernels (AVX-512): BFP quantize (round to nearest or stochastic), pack and unpack; 1-bit masks.
  *
  * Loaded by dsq_fairseq/quant/native.py (built with -O3 -march=native -fopenmp, no -ffast-math:
  * IEEE semantics, no flush-to-zero). Every kernel performs the reference's IEEE operations in the
@@ -70,6 +70,53 @@ static inline __m512 quantize(__m512 x, __m512 up_a, __m512 up_b, __m512 down_a,
   return _mm512_mul_ps(_mm512_mul_ps(scaled_int(x, up_a, up_b, qmax), down_a), down_b);
 }
 
+/* Stochastic rounding (dsq_fairseq/quant/rounding.py): the stream key (k0, k1); u of element i
+ * (its flat index in x) = (mix(mix(lo32(i) ^ k0) ^ hi32(i) ^ k1) >> 8) * 2^-24, mix = lowbias32. */
+typedef struct {
+  uint32_t k0, k1;
+} rng_t;
+
+static inline __m512i mix32(__m512i h) {
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7feb352d));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int)0x846ca68bu));
+  return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+}
+
+/* u of the 16 consecutive indices i0 .. i0 + 15 (lane j: i0 + j; a carry into the high word
+ * where the low word wraps). */
+static inline __m512 uniform16(const rng_t* r, int64_t i0) {
+  const __m512i lo0 = _mm512_set1_epi32((int)(uint32_t)i0);
+  const __m512i lo = _mm512_add_epi32(
+      lo0, _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i hi = _mm512_set1_epi32((int)(uint32_t)((uint64_t)i0 >> 32));
+  hi = _mm512_mask_add_epi32(hi, _mm512_cmplt_epu32_mask(lo, lo0), hi, _mm512_set1_epi32(1));
+  __m512i h = mix32(_mm512_xor_si512(lo, _mm512_set1_epi32((int)r->k0)));
+  h = mix32(_mm512_xor_si512(h, _mm512_xor_si512(hi, _mm512_set1_epi32((int)r->k1))));
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(0x1p-24f));
+}
+
+/* quantize() with stochastic rounding: floor(y) + (u < y - floor(y) ? 1 : 0), the addition done
+ * unconditionally as the reference does it (so -0 becomes +0 there too). */
+static inline __m512 quantize_sr(__m512 x, __m512 up_a, __m512 up_b, __m512 down_a,
+                                 __m512 down_b, __m512 qmax, __m512 u) {
+  const __m512 y = _mm512_mul_ps(_mm512_mul_ps(x, up_a), up_b);
+  const __m512 lo = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __mmask16 up = _mm512_cmp_ps_mask(u, _mm512_sub_ps(y, lo), _CMP_LT_OQ);
+  __m512 k = _mm512_add_ps(lo, _mm512_maskz_mov_ps(up, _mm512_set1_ps(1.0f)));
+  const __m512 nqmax = _mm512_sub_ps(_mm512_setzero_ps(), qmax);
+  k = _mm512_min_ps(qmax, _mm512_max_ps(nqmax, k));
+  return _mm512_mul_ps(_mm512_mul_ps(k, down_a), down_b);
+}
+
+/* quantize() (r == 0) or quantize_sr() with the u of flat indices idx .. idx + 15. */
+static inline __m512 quantize_at(__m512 x, __m512 up_a, __m512 up_b, __m512 down_a,
+                                 __m512 down_b, __m512 qmax, const rng_t* r, int64_t idx) {
+  if (r) return quantize_sr(x, up_a, up_b, down_a, down_b, qmax, uniform16(r, idx));
+  return quantize(x, up_a, up_b, down_a, down_b, qmax);
+}
+
 /* NaN-free |x| (NaN -> 0: max returns its second operand for a NaN first one). */
 static inline __m512 mag(__m512 v) { return _mm512_max_ps(_mm512_abs_ps(v), _mm512_setzero_ps()); }
 
@@ -131,7 +178,7 @@ static inline void store_factors(const factors_t* f, lanes_t* l) {
 /* quantize                                                                                   */
 
 static void quantize_rows16(const float* x, float* out, int64_t nblocks, int wm2, float qmaxf,
-                            int emax, int nthreads) {
+                            int emax, const rng_t* r, int nthreads) {
   const int64_t ntiles = nblocks / 16;
   const __m512 qmax = _mm512_set1_ps(qmaxf);
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (ntiles * 256 > PAR_MIN)
@@ -142,19 +189,20 @@ static void quantize_rows16(const float* x, float* out, int64_t nblocks, int wm2
     lanes_t l;
     store_factors(&f, &l);
     for (int i = 0; i < 16; ++i)
-      _mm512_storeu_ps(ob + 16 * i, quantize(_mm512_loadu_ps(xb + 16 * i), lane(l.up_a, i),
-                                             lane(l.up_b, i), lane(l.down_a, i),
-                                             lane(l.down_b, i), qmax));
+      _mm512_storeu_ps(ob + 16 * i,
+                       quantize_at(_mm512_loadu_ps(xb + 16 * i), lane(l.up_a, i), lane(l.up_b, i),
+                                   lane(l.down_a, i), lane(l.down_b, i), qmax, r,
+                                   t * 256 + 16 * i));
   }
   for (int64_t b = ntiles * 16; b < nblocks; ++b) {
     const factors_t f = pow2_factors(block_max(x + 16 * b, 16, 0), wm2, emax);
-    _mm512_storeu_ps(out + 16 * b, quantize(_mm512_loadu_ps(x + 16 * b), f.up_a, f.up_b,
-                                            f.down_a, f.down_b, qmax));
+    _mm512_storeu_ps(out + 16 * b, quantize_at(_mm512_loadu_ps(x + 16 * b), f.up_a, f.up_b,
+                                               f.down_a, f.down_b, qmax, r, 16 * b));
   }
 }
 
 static void quantize_rows(const float* x, float* out, int64_t P, int64_t n, int64_t B, int wm2,
-                          float qmaxf, int emax, int nthreads) {
+                          float qmaxf, int emax, const rng_t* r, int nthreads) {
   const int64_t nb = (n + B - 1) / B;
   const __m512 qmax = _mm512_set1_ps(qmaxf);
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (P * n > PAR_MIN)
@@ -166,14 +214,15 @@ static void quantize_rows(const float* x, float* out, int64_t P, int64_t n, int6
     const factors_t f = pow2_factors(block_max(xb, len, 0), wm2, emax);
     for (int64_t c = 0; c < len; c += 16) {
       const __mmask16 m = lane_mask(len - c);
-      _mm512_mask_storeu_ps(ob + c, m, quantize(_mm512_maskz_loadu_ps(m, xb + c), f.up_a,
-                                                f.up_b, f.down_a, f.down_b, qmax));
+      _mm512_mask_storeu_ps(ob + c, m, quantize_at(_mm512_maskz_loadu_ps(m, xb + c), f.up_a,
+                                                   f.up_b, f.down_a, f.down_b, qmax, r,
+                                                   p * n + s + c));
     }
   }
 }
 
 static void quantize_cols(const float* x, float* out, int64_t P, int64_t n, int64_t Q, int64_t B,
-                          int wm2, float qmaxf, int emax, int nthreads) {
+                          int wm2, float qmaxf, int emax, const rng_t* r, int nthreads) {
   const int64_t nb = (n + B - 1) / B;
   const __m512 qmax = _mm512_set1_ps(qmaxf);
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (P * n * Q > PAR_MIN)
@@ -190,22 +239,36 @@ static void quantize_cols(const float* x, float* out, int64_t P, int64_t n, int6
       const factors_t f = pow2_factors(acc, wm2, emax);
       for (int64_t i = 0; i < len; ++i)
         _mm512_mask_storeu_ps(ob + i * Q + c, m,
-                              quantize(_mm512_maskz_loadu_ps(m, xb + i * Q + c), f.up_a, f.up_b,
-                                       f.down_a, f.down_b, qmax));
+                              quantize_at(_mm512_maskz_loadu_ps(m, xb + i * Q + c), f.up_a,
+                                          f.up_b, f.down_a, f.down_b, qmax, r,
+                                          (p * n + s + i) * Q + c));
     }
   }
+}
+
+static void bfp_quantize_any(const float* x, float* out, int64_t P, int64_t n, int64_t Q,
+                             int64_t B, int wm2, float qmax, int emax, const rng_t* r,
+                             int nthreads) {
+  if (Q > 1)
+    quantize_cols(x, out, P, n, Q, B, wm2, qmax, emax, r, nthreads);
+  else if (B == 16 && n % 16 == 0)
+    quantize_rows16(x, out, P * (n / 16), wm2, qmax, emax, r, nthreads);
+  else
+    quantize_rows(x, out, P, n, B, wm2, qmax, emax, r, nthreads);
 }
 
 /* bfp_quantize(x, w, e, B, dim, "nearest") of fp32 x viewed [P, n, Q] into out (same layout).
  * wm2 = w - 2, qmax = 2^(w-1) - 1, emax = 2^(e-1) - 1. */
 void dsq_bfp_quantize(const float* x, float* out, int64_t P, int64_t n, int64_t Q, int64_t B,
                       int wm2, float qmax, int emax, int nthreads) {
-  if (Q > 1)
-    quantize_cols(x, out, P, n, Q, B, wm2, qmax, emax, nthreads);
-  else if (B == 16 && n % 16 == 0)
-    quantize_rows16(x, out, P * (n / 16), wm2, qmax, emax, nthreads);
-  else
-    quantize_rows(x, out, P, n, B, wm2, qmax, emax, nthreads);
+  bfp_quantize_any(x, out, P, n, Q, B, wm2, qmax, emax, 0, nthreads);
+}
+
+/* The same with rounding="stochastic" and the stream key (k0, k1) (rounding.draw_key). */
+void dsq_bfp_quantize_sr(const float* x, float* out, int64_t P, int64_t n, int64_t Q, int64_t B,
+                         int wm2, float qmax, int emax, uint32_t k0, uint32_t k1, int nthreads) {
+  const rng_t r = {k0, k1};
+  bfp_quantize_any(x, out, P, n, Q, B, wm2, qmax, emax, &r, nthreads);
 }
 
 /* ---------------------------------------------------------------------------------------- */
