@@ -251,7 +251,7 @@ class QuantScheme:
         fused fast path (:mod:`dsq_fairseq.quant.fast`, bit-identical to the reference) for
         tensors of at least :func:`~dsq_fairseq.quant.fast.min_numel` elements after a warm-up
         (:func:`~dsq_fairseq.quant.fast.wanted`) unless ``DSQ_FAST=0``; the rest take the
-        reference (short runs of tiny models never compile). BFP round-to-nearest of CPU fp32
+        reference (short runs of tiny models never compile). BFP (either rounding) of CPU fp32
         tensors takes the native C kernel (:mod:`dsq_fairseq.quant.native`) at any size, where
         this CPU has it: nothing to compile.
         """
@@ -264,8 +264,8 @@ class QuantScheme:
                 f"--dsq-schedule: width {width} is not an MX format; with --dsq-format mx each "
                 f"point is one of {_mx_allowed()}"
             )
-        if self.format == "bfp" and self.rounding == "nearest" and native.available(x):
-            if overwrite:
+        if self.format == "bfp" and native.available(x):
+            if overwrite and self.rounding == "nearest":
                 return fast.bfp_quantize_(x, width, self.exponent_bits, self.block_size, dim)
             impl = fast  # its native C kernel: no compile, worth it at any size
         else:

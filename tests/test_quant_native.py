@@ -15,6 +15,7 @@ from dsq_fairseq.precision import QuantScheme
 from dsq_fairseq.quant import fast, fast_pack, native
 from dsq_fairseq.quant.bfp import shared_exponent
 from dsq_fairseq.quant.packing import PackedTensor, _blocked_view, pack
+from dsq_fairseq.quant.rounding import uniform_like
 
 pytestmark = pytest.mark.skipif(
     not native.available(torch.ones(1)), reason="native CPU kernels need AVX-512 and a C compiler"
@@ -43,6 +44,36 @@ def test_quantize_bit_identical(width, monkeypatch):
             x = nasty(shape, seed=i)
             got = fast.bfp_quantize(x, width, e, block, dim)
             assert_bits(got, ref.bfp_quantize(x, width, e, block, dim))
+
+
+@pytest.mark.parametrize("width", [2, 4, 16])
+def test_stochastic_quantize_bit_identical(width, monkeypatch):
+    """Stochastic rounding in the kernel: the same key (one draw from the same seeded generator)
+    and the same ``u`` per element (computed in registers from its flat index) as the reference,
+    on every layout branch; NaN, inf, -0 and subnormals included (``nasty``)."""
+    _native_only(monkeypatch)
+    calls = []
+    real = native.bfp_quantize
+    monkeypatch.setattr(native, "bfp_quantize",
+                        lambda *a, **k: calls.append(k.get("key") is not None) or real(*a, **k))
+    for i, (shape, dim, block) in enumerate(LAYOUTS):
+        x = nasty(shape, seed=i)
+        if x.numel() > 1:
+            x.view(-1)[-1] = -0.0  # the reference's floor(y) + 0.0 makes it +0
+        got = fast.bfp_quantize(x, width, 8, block, dim, "stochastic",
+                                torch.Generator().manual_seed(i))
+        want = ref.bfp_quantize(x, width, 8, block, dim, "stochastic",
+                                torch.Generator().manual_seed(i))
+        assert_bits(got, want)
+    assert calls == [True] * len(LAYOUTS)
+
+
+def test_uniform_stream_kernel_matches_the_definition():
+    """``native.uniform`` == ``rounding.uniform_like`` bit for bit: lengths around the vector
+    width and above the threshold of the parallel loop."""
+    key = torch.tensor([0x9E3779B9, 0xDEADBEEF])
+    for n in (1, 15, 16, 17, 40000, 65539):
+        assert torch.equal(native.uniform(key, (n,)), uniform_like(key, (n,)))
 
 
 @pytest.mark.parametrize("width", [2, 4, 16])
@@ -152,19 +183,24 @@ def test_pack_declines_non_finite_inputs_and_other_widths():
 def test_quant_scheme_takes_native_bfp_at_any_size_and_can_be_turned_off(monkeypatch):
     calls = []
     real = native.bfp_quantize
-    monkeypatch.setattr(native, "bfp_quantize", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(native, "bfp_quantize",
+                        lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     x = nasty((8, 40), seed=2)
     scheme = QuantScheme("bfp")
     assert_bits(scheme.quantize(x, 4, dim=0), ref.bfp_quantize(x, 4, dim=0))
     assert calls == [x.shape]  # far below fast.min_numel(), during the warm-up: still native
-    QuantScheme("bfp", rounding="stochastic").quantize(x, 4, generator=torch.Generator())
+    stochastic = QuantScheme("bfp", rounding="stochastic")
+    assert_bits(stochastic.quantize(x, 4, generator=torch.Generator().manual_seed(1)),
+                ref.bfp_quantize(x, 4, rounding="stochastic",
+                                 generator=torch.Generator().manual_seed(1)))
+    assert calls == [x.shape] * 2  # stochastic rounding too: u computed in the kernel
     native.set_enabled(False)
     try:
         assert not native.available(x)
         scheme.quantize(x, 4, dim=0)
     finally:
         native.set_enabled(True)
-    assert calls == [x.shape]  # neither stochastic rounding nor a disabled native path
+    assert calls == [x.shape] * 2  # not when the native path is disabled
     fast.set_enabled(False)
     try:
         assert not native.available(x)  # DSQ_FAST=0 turns the native kernels off too

@@ -7,8 +7,14 @@ import math
 import pytest
 import torch
 
-from dsq_fairseq.quant import ROUNDING_MODES, round_nearest, round_stochastic
-from dsq_fairseq.quant.rounding import apply_rounding, apply_rounding_
+from dsq_fairseq.quant import ROUNDING_MODES, bfp_quantize, round_nearest, round_stochastic
+from dsq_fairseq.quant.rounding import (
+    apply_rounding,
+    apply_rounding_,
+    draw_key,
+    uniform_from_key,
+    uniform_like,
+)
 
 NAN = float("nan")
 INF = float("inf")
@@ -59,3 +65,63 @@ def test_inplace_variant_matches():
         apply_rounding(y, "up")
     with pytest.raises(ValueError, match="rounding must be one of"):
         apply_rounding_(y, "up")
+
+
+def _lowbias32(h: int) -> int:
+    """The stream's hash written from its definition in plain Python integers."""
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h ^= h >> 15
+    h = (h * 0x846CA68B) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def test_random_stream_follows_its_definition():
+    """u at index i = (mix(mix(lo32(i) ^ k0) ^ hi32(i) ^ k1) >> 8) / 2^24, checked against plain
+    Python integers at indices that cross the 32-bit boundary; one key per draw from the
+    generator; u in [0, 1) on the 2^-24 grid."""
+    g = torch.Generator().manual_seed(5)
+    key = draw_key(g, "cpu")
+    assert key.dtype == torch.int64 and key.shape == (2,)
+    assert torch.equal(key, draw_key(torch.Generator().manual_seed(5), "cpu"))
+    assert not torch.equal(key, draw_key(g, "cpu"))  # the generator advanced
+    assert 0 <= key.min() and key.max() < 2**32
+    k0, k1 = key.tolist()
+    index = torch.tensor([0, 1, 2, 12345, 2**32 - 1, 2**32, 2**32 + 7, 2**40 + 3])
+    got = uniform_from_key(key, index)
+    for i, u in zip(index.tolist(), got.tolist()):
+        h = _lowbias32(_lowbias32((i & 0xFFFFFFFF) ^ k0) ^ (i >> 32) ^ k1)
+        assert u == (h >> 8) / 2**24
+    u = uniform_like(key, (3, 5))
+    assert torch.equal(u.view(-1), uniform_from_key(key, torch.arange(15)))
+
+
+def test_random_stream_is_uniform_and_uncorrelated():
+    """Statistics of 2^20 consecutive draws: chi-square over 64 bins, mean, variance and the
+    lag-1 / lag-16 correlations within 5 standard errors of a uniform i.i.d. stream."""
+    n = 2**20
+    u = uniform_like(draw_key(torch.Generator().manual_seed(0), "cpu"), (n,)).double()
+    assert 0 <= u.min() and u.max() < 1
+    counts = torch.histc(u, 64, 0, 1)
+    chi2 = (((counts - n / 64) ** 2) / (n / 64)).sum().item()
+    assert chi2 < 63 + 5 * math.sqrt(2 * 63)
+    assert abs(u.mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / n)
+    assert abs(u.var().item() - 1 / 12) < 5 * math.sqrt(1 / 180 / n)
+    c = u - 0.5
+    for lag in (1, 16):
+        corr = (c[:-lag] * c[lag:]).mean().item() / (1 / 12)
+        assert abs(corr) < 5 / math.sqrt(n)
+
+
+def test_bfp_stochastic_draws_follow_the_element_not_the_block_layout():
+    """u belongs to an element's position in x: with blocks of one element the block dim can't
+    change any value, so dim=0 and dim=-1 must give the same result for the same seed."""
+    x = torch.randn(24, 40) * 5
+    a = bfp_quantize(x, 4, block_size=1, dim=0, rounding="stochastic",
+                     generator=torch.Generator().manual_seed(2))
+    b = bfp_quantize(x, 4, block_size=1, dim=-1, rounding="stochastic",
+                     generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    c = bfp_quantize(x, 4, block_size=1, dim=-1, rounding="stochastic",
+                     generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(a, c)

@@ -59,13 +59,13 @@ from torch import Tensor
 from . import _validate as v
 from . import native
 from ._blocks import pad_rows
-from .rounding import draw_key, uniform_like
 from ._blocks import pnq as _pnq
 from .bfp import _exp2_halves, shared_exponent_from_bits
 from .bfp import bfp_quantize as ref_bfp_quantize
 from .fixed import FIXED_EXPONENT_BITS
 from .fixed import fixed_quantize as ref_fixed_quantize
 from .integer import int_quantize as ref_int_quantize
+from .rounding import draw_key, uniform_like
 
 __all__ = [
     "bfp_quantize", "enabled", "fixed_quantize", "int_quantize", "min_numel", "set_enabled",
@@ -279,6 +279,13 @@ def _per_element(f: Tensor, x: Tensor, block: int) -> Tensor:
 
 def _fixed_factors(x1, wm2, emax):
     return _pow2_factors(_block_amax("fixed_factors", (x1,)), wm2, emax)
+
+
+def _uniform(key: Tensor, shape: Tuple[int, ...]) -> Tensor:
+    """:func:`.rounding.uniform_like`, from the native kernel where it runs (same bits)."""
+    if native.available_for(key):
+        return native.uniform(key, tuple(shape))
+    return uniform_like(key, shape)
 
 
 def _int_core(x3, u3, qmax, per_vector: bool):
@@ -503,7 +510,7 @@ def bfp_quantize(
         if native.available(xd):
             out = native.bfp_quantize(xd, width, exponent_bits, block_size, dim, key=key)
             return out.view(x.shape).to(x.dtype)
-        u3 = uniform_like(key, (p, n, q))
+        u3 = _uniform(key, (p, n, q))
     x3 = xd.view(p, n, q)
     if pad and not stochastic:
         # a short tail block: reduced apart from the whole blocks, no padded copy
@@ -551,7 +558,7 @@ def fixed_quantize(
     stochastic = rounding == "stochastic"
     u1 = None
     if stochastic:
-        u1 = uniform_like(draw_key(generator, xd.device), (xd.numel(),))
+        u1 = _uniform(draw_key(generator, xd.device), (xd.numel(),))
     out = _run_pow2(("fixed_factors", x.device.type, _constants(width, FIXED_EXPONENT_BITS)),
                     reference, _dynamic(xd.view(-1), (0,)), _dynamic(u1, (0,)), (0,))
     return out.view(x.shape).to(x.dtype)
@@ -586,7 +593,7 @@ def int_quantize(
     u3 = None
     if stochastic:  # the reference draws in the shape of x (of [1] for a 0-d x per vector)
         shape = (1,) if (xd.dim() == 0 and per_vector) else xd.shape
-        u3 = uniform_like(draw_key(generator, xd.device), shape).view(p, n, q)
+        u3 = _uniform(draw_key(generator, xd.device), tuple(shape)).view(p, n, q)
     key = ("int", per_vector, stochastic, x.device.type, _constants(width, 8))
     out = _run(key, reference, _dynamic(xd.view(p, n, q), (0, 1, 2)), _dynamic(u3, (0, 1, 2)))
     return out.view(x.shape).to(x.dtype)

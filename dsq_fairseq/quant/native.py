@@ -43,7 +43,7 @@ from torch import Tensor
 from ._blocks import pnq as _pnq
 
 __all__ = ["available", "available_for", "bfp_pack", "bfp_quantize", "bfp_unpack", "set_enabled",
-           "bfp_pair", "mask_apply", "mask_pack", "supports_pack", "supports_pair"]
+           "bfp_pair", "mask_apply", "mask_pack", "supports_pack", "supports_pair", "uniform"]
 
 _SOURCE = Path(__file__).with_name("native_kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
@@ -114,6 +114,8 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.dsq_bfp_quantize_sr.argtypes = [ptr, ptr, i64, i64, i64, i64, i32, f32, i32, u32, u32,
                                             i32]
         lib.dsq_bfp_quantize_sr.restype = None
+        lib.dsq_uniform.argtypes = [ptr, i64, u32, u32, i32]
+        lib.dsq_uniform.restype = None
         lib.dsq_bfp_pack.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i32, i32, f32, i32, i32]
         lib.dsq_bfp_pack.restype = i32
         lib.dsq_bfp_unpack.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i32, i32, i32]
@@ -172,6 +174,15 @@ def bfp_quantize(x: Tensor, width: int, exponent_bits: int, block_size: int, dim
         k0, k1 = key.tolist()
         _lib.dsq_bfp_quantize_sr(*args, k0, k1, torch.get_num_threads())
     return x if inplace else out
+
+
+def uniform(key: Tensor, shape: Tuple[int, ...]) -> Tensor:
+    """``rounding.uniform_like(key, shape)`` (CPU, :func:`available_for`): the stream's ``u``
+    for a tensor of ``shape``, fp32, bit-identical, one write pass."""
+    out = torch.empty(shape, dtype=torch.float32)
+    k0, k1 = key.tolist()
+    _lib.dsq_uniform(out.data_ptr(), out.numel(), k0, k1, torch.get_num_threads())
+    return out
 
 
 def _direct(shape: torch.Size, width: int, dim: int, block_size: int) -> bool:

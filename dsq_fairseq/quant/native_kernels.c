@@ -271,6 +271,14 @@ void dsq_bfp_quantize_sr(const float* x, float* out, int64_t P, int64_t n, int64
   bfp_quantize_any(x, out, P, n, Q, B, wm2, qmax, emax, &r, nthreads);
 }
 
+/* out[i] = u of flat index i of the stream (k0, k1), i < n: rounding.uniform_like. */
+void dsq_uniform(float* out, int64_t n, uint32_t k0, uint32_t k1, int nthreads) {
+  const rng_t r = {k0, k1};
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (n > PAR_MIN)
+  for (int64_t i = 0; i < n; i += 16)
+    _mm512_mask_storeu_ps(out + i, lane_mask(n - i), uniform16(&r, i));
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* pack / unpack: codes |k| + sign(k) << (w-1), g = 8 / w per byte, code j of a byte at bit
  * j * w, in x's row-major order (packing.pack_bits); exponents int8 [P, nblocks, Q].           */
