@@ -100,3 +100,11 @@ def check_dim(x: Tensor, dim: object) -> int:
             f"{tuple(x.shape)}, got {dim!r}"
         )
     return d % ndim
+
+
+def check_bfp(x: Tensor, width: object, exponent_bits: object, block_size: object,
+              dim: object) -> tuple[int, int, int, int]:
+    """``(width, exponent_bits, block_size, dim)`` of a BFP quantization of ``x``, each
+    checked as by its own check (in that order); ``dim`` made non-negative."""
+    return (check_width(width), check_exponent_bits(exponent_bits), check_block_size(block_size),
+            check_dim(x, dim))

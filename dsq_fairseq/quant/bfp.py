@@ -178,10 +178,7 @@ def bfp_quantize(
         ValueError: for any argument outside the ranges above.
     """
     x = v.check_tensor(x)
-    width = v.check_width(width)
-    exponent_bits = v.check_exponent_bits(exponent_bits)
-    block_size = v.check_block_size(block_size)
-    dim = v.check_dim(x, dim)
+    width, exponent_bits, block_size, dim = v.check_bfp(x, width, exponent_bits, block_size, dim)
     rounding = v.check_rounding(rounding)
     generator = v.check_generator(generator)
     if width == 32:

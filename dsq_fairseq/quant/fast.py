@@ -462,10 +462,8 @@ def bfp_quantize_(x: Tensor, width: int, exponent_bits: int = 8, block_size: int
     that own ``x`` and drop it afterwards (a GEMM's fresh output): no second buffer."""
     if (_enabled and isinstance(x, Tensor) and native.available(x) and x.is_contiguous()
             and not x.requires_grad):
-        width = v.check_width(width)
-        exponent_bits = v.check_exponent_bits(exponent_bits)
-        block_size = v.check_block_size(block_size)
-        dim = v.check_dim(x, dim)
+        width, exponent_bits, block_size, dim = v.check_bfp(x, width, exponent_bits,
+                                                            block_size, dim)
         if width == 32:
             return x
         return native.bfp_quantize(x, width, exponent_bits, block_size, dim, inplace=True)
@@ -488,10 +486,7 @@ def bfp_quantize(
 
     if not (_enabled and isinstance(x, Tensor) and x.dtype in _FAST_DTYPES and x.numel() > 0):
         return reference()
-    width = v.check_width(width)
-    exponent_bits = v.check_exponent_bits(exponent_bits)
-    block_size = v.check_block_size(block_size)
-    dim = v.check_dim(x, dim)
+    width, exponent_bits, block_size, dim = v.check_bfp(x, width, exponent_bits, block_size, dim)
     rounding = v.check_rounding(rounding)
     generator = v.check_generator(generator)
     if width == 32:
@@ -510,7 +505,7 @@ def bfp_quantize(
         if native.available(xd):
             out = native.bfp_quantize(xd, width, exponent_bits, block_size, dim, key=key)
             return out.view(x.shape).to(x.dtype)
-        u3 = _uniform(key, (p, n, q))
+        u3 = uniform_like(key, (p, n, q))  # no native kernels for xd here
     x3 = xd.view(p, n, q)
     if pad and not stochastic:
         # a short tail block: reduced apart from the whole blocks, no padded copy

@@ -31,6 +31,8 @@ NaN stays NaN and ``±inf`` stays ``±inf`` in both modes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -78,10 +80,7 @@ def uniform_from_key(key: Tensor, index: Tensor) -> Tensor:
 def uniform_like(key: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
     """``u`` of the stream ``key`` for a tensor of ``shape``: element ``i`` (row-major flat
     index) gets :func:`uniform_from_key` at ``i``. fp32, ``shape``, ``key``'s device."""
-    n = 1
-    for s in shape:
-        n *= s
-    index = torch.arange(n, device=key.device, dtype=torch.int64)
+    index = torch.arange(math.prod(shape), device=key.device, dtype=torch.int64)
     return uniform_from_key(key, index).view(shape)
 
 
@@ -115,9 +114,7 @@ def round_stochastic(
         A new tensor of ``y``'s shape and dtype whose every element is ``floor(y)`` or
         ``floor(y) + 1``; NaN and ``±inf`` are passed through.
     """
-    if u is None:
-        u = uniform_like(draw_key(generator, y.device), y.shape)
-    return _round_up_where(y.clone(), u)
+    return apply_rounding_(y.clone(), "stochastic", generator, u)
 
 
 def apply_rounding(y: Tensor, rounding: str, generator: torch.Generator | None = None) -> Tensor:
