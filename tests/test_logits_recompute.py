@@ -102,3 +102,44 @@ def test_fairseqs_path_where_recomputing_is_not_lossless_or_not_needed(data_bin)
     with torch.no_grad():  # validation / inference: nothing is kept
         loss, _, _ = ours(model, sample)
         assert not hasattr(model(**sample["net_input"])[0], SOURCE_ATTR)
+
+
+@pytest.mark.parametrize("grad_loss", [1.0, 0.37, 0.0, -2.5])
+def test_label_smoothed_gradient_is_autograds_bit_for_bit(grad_loss):
+    """The direct gradient against autograd through fairseq's own loss code: padding rows,
+    signed zeros (``grad_loss == 0``), 3-D logits, large and tiny logits."""
+    from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+    from fairseq.utils import log_softmax
+
+    from dsq_fairseq.criterions.dsq_label_smoothed_cross_entropy import (
+        label_smoothed_logits_grad,
+    )
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 7, 301, generator=gen) * 8
+    logits[0, 0, :] = 0.0
+    target = torch.randint(0, 301, (5, 7), generator=gen)
+    target[1, 3:] = 1  # padding
+    g = torch.tensor(grad_loss)
+    x = logits.clone().requires_grad_(True)
+    lprobs = log_softmax(x, dim=-1)
+    loss, _ = label_smoothed_nll_loss(lprobs.view(-1, 301), target.view(-1), 0.1,
+                                      ignore_index=1, reduce=True)
+    (expected,) = torch.autograd.grad(loss, x, g)
+    got = label_smoothed_logits_grad(logits.clone(), target, 0.1, 1, g)
+    assert got.shape == logits.shape
+    assert torch.equal(bits(got), bits(expected))
+
+
+def test_the_criterion_takes_the_direct_gradient(data_bin, monkeypatch):
+    from dsq_fairseq.criterions import dsq_label_smoothed_cross_entropy as module
+
+    calls = []
+    direct = module.label_smoothed_logits_grad
+    monkeypatch.setattr(module, "label_smoothed_logits_grad",
+                        lambda *a: calls.append(1) or direct(*a))
+    task, model, _ = build(data_bin, "--dsq-format", "bfp", "--dsq-schedule", "16,4,4,16")
+    model.train()
+    loss, _, _ = DSQLabelSmoothedCrossEntropyCriterion(task, False, 0.1)(model, batch(task))
+    loss.backward()
+    assert calls == [1]

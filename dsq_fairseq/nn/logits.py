@@ -15,8 +15,10 @@ by ``log_softmax`` and again (same storage) by the criterion's ``gather``. The l
   identically) and differentiates the criterion's own loss code on them.
 
 Gradients are bit-identical to the plain path; the price is one extra vocabulary GEMM (and
-log-softmax) in backward. Only when lossless: round-to-nearest, fp32 logits, the stash packing
-not ``off``; otherwise the logits carry no source and the criterion runs as usual.
+log-softmax) in backward. A criterion that can write its gradient directly (``grad_of``, the
+plugin's criterion does) skips re-running its loss under autograd. Only when lossless:
+round-to-nearest, fp32 logits, the stash packing not ``off``; otherwise the logits carry no
+source and the criterion runs as usual.
 """
 
 from __future__ import annotations
@@ -65,13 +67,20 @@ def _recompute(source: LogitsSource, stash: Tuple[Tensor, ...], weight: Tensor,
 LossOfLogits = Callable[[Tensor], Tuple[Tensor, Tensor]]
 """``logits -> (loss, nll_loss)``, built from differentiable torch ops (a criterion's own code)."""
 
+GradOfLogits = Callable[[Tensor, Tensor], Tensor]
+"""``(logits, grad_loss) -> grad_logits``: the gradient autograd would give through the
+:data:`LossOfLogits` of the same criterion, bit for bit, computed directly; it may overwrite
+``logits`` (the recomputed tensor, owned by the caller) and return a view of it."""
+
 
 class _LossRecomputingLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, source: LogitsSource,  # type: ignore[override]
-                loss_of: LossOfLogits, *stash: Tensor) -> Tuple[Tensor, Tensor]:
+                loss_of: LossOfLogits, grad_of: Optional[GradOfLogits],
+                *stash: Tensor) -> Tuple[Tensor, Tensor]:
         ctx.source = source._replace(stash=((), source.stash[1]), weight=None, bias=None)
-        ctx.loss_of, ctx.n_stash, ctx.has_bias = loss_of, len(stash), source.bias is not None
+        ctx.loss_of, ctx.grad_of = loss_of, grad_of
+        ctx.n_stash, ctx.has_bias = len(stash), source.bias is not None
         ctx.save_for_backward(*stash, source.weight,
                               *((source.bias,) if source.bias is not None else ()))
         loss, nll_loss = loss_of(logits)  # grad mode is off inside forward: nothing is kept
@@ -85,24 +94,29 @@ class _LossRecomputingLogits(torch.autograd.Function):
         bias = saved[ctx.n_stash + 1] if ctx.has_bias else None
         with torch.no_grad():
             logits = _recompute(ctx.source, stash, weight, bias)
+            if ctx.grad_of is not None:  # fewer [tokens, vocab] passes and temporaries
+                return (ctx.grad_of(logits, grad_loss), None, None, None,
+                        *([None] * ctx.n_stash))
         logits.requires_grad_(True)
         with torch.enable_grad():
             loss, _ = ctx.loss_of(logits)
         (grad_logits,) = torch.autograd.grad(loss, logits, grad_loss)
-        return (grad_logits, None, None, *([None] * ctx.n_stash))
+        return (grad_logits, None, None, None, *([None] * ctx.n_stash))
 
 
-def loss_recomputing_logits(logits: Tensor, loss_of: LossOfLogits
+def loss_recomputing_logits(logits: Tensor, loss_of: LossOfLogits,
+                            grad_of: Optional[GradOfLogits] = None
                             ) -> Optional[Tuple[Tensor, Tensor]]:
     """``loss_of(logits)``, keeping for backward only the logits' :class:`LogitsSource`: the
     backward recomputes the logits and differentiates ``loss_of`` on them (the same ops, so the
-    same gradient bit for bit). ``None`` when ``logits`` carry no source, need no gradient or are
-    not fp32 (the caller then runs ``loss_of`` itself)."""
+    same gradient bit for bit), or, given ``grad_of``, hands them to it instead. ``None`` when
+    ``logits`` carry no source, need no gradient or are not fp32 (the caller then runs
+    ``loss_of`` itself)."""
     source: Optional[LogitsSource] = getattr(logits, SOURCE_ATTR, None)
     if (source is None or logits.dtype != torch.float32 or not torch.is_grad_enabled()
             or not logits.requires_grad):
         return None
-    return _LossRecomputingLogits.apply(logits, source, loss_of, *source.stash[0])
+    return _LossRecomputingLogits.apply(logits, source, loss_of, grad_of, *source.stash[0])
 
 
 def attach_source(y: Tensor, stash: tuple, x_shape: torch.Size, weight: Tensor,
@@ -112,4 +126,5 @@ def attach_source(y: Tensor, stash: tuple, x_shape: torch.Size, weight: Tensor,
     return y
 
 
-__all__ = ["LogitsSource", "attach_source", "loss_recomputing_logits", "wants_source"]
+__all__ = ["GradOfLogits", "LogitsSource", "attach_source", "loss_recomputing_logits",
+           "wants_source"]
