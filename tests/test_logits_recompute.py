@@ -104,8 +104,9 @@ def test_fairseqs_path_where_recomputing_is_not_lossless_or_not_needed(data_bin)
         assert not hasattr(model(**sample["net_input"])[0], SOURCE_ATTR)
 
 
+@pytest.mark.parametrize("in_place", [None, False])
 @pytest.mark.parametrize("grad_loss", [1.0, 0.37, 0.0, -2.5])
-def test_label_smoothed_gradient_is_autograds_bit_for_bit(grad_loss):
+def test_label_smoothed_gradient_is_autograds_bit_for_bit(grad_loss, in_place):
     """The direct gradient against autograd through fairseq's own loss code: padding rows,
     signed zeros (``grad_loss == 0``), 3-D logits, large and tiny logits."""
     from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
@@ -126,7 +127,7 @@ def test_label_smoothed_gradient_is_autograds_bit_for_bit(grad_loss):
     loss, _ = label_smoothed_nll_loss(lprobs.view(-1, 301), target.view(-1), 0.1,
                                       ignore_index=1, reduce=True)
     (expected,) = torch.autograd.grad(loss, x, g)
-    got = label_smoothed_logits_grad(logits.clone(), target, 0.1, 1, g)
+    got = label_smoothed_logits_grad(logits.clone(), target, 0.1, 1, g, in_place)
     assert got.shape == logits.shape
     assert torch.equal(bits(got), bits(expected))
 
