@@ -144,3 +144,44 @@ def test_the_criterion_takes_the_direct_gradient(data_bin, monkeypatch):
     loss, _, _ = DSQLabelSmoothedCrossEntropyCriterion(task, False, 0.1)(model, batch(task))
     loss.backward()
     assert calls == [1]
+
+
+def test_scratch_reuses_one_buffer_and_grows_when_needed():
+    from dsq_fairseq.nn.logits import Scratch
+
+    scratch, like = Scratch(), torch.zeros(1)
+    a = scratch.take((4, 6), like)
+    assert a.shape == (4, 6) and a.is_contiguous() and a.dtype == torch.float32
+    b = scratch.take((3, 5), like)
+    assert b.data_ptr() == a.data_ptr()  # smaller: the same memory
+    c = scratch.take((5, 6), like)
+    assert c.shape == (5, 6)
+    assert scratch.take((2, 2), like).data_ptr() == c.data_ptr()  # the grown buffer stays
+    assert scratch.take((2, 2), torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_repeated_steps_and_validation_match_fairseq_with_the_scratch_reused(data_bin):
+    """Two training steps in a row (the second reuses the criterion's scratch buffer: the
+    recompute of step 1 must not leak into step 2) and a no-grad evaluation, all bit-identical
+    to fairseq's criterion."""
+    task, model, _ = build(data_bin, "--dsq-format", "bfp", "--dsq-schedule", "16,4,4,16",
+                           "--dropout", "0.3")
+    ours = DSQLabelSmoothedCrossEntropyCriterion(task, False, 0.1)
+    theirs = LabelSmoothedCrossEntropyCriterion(task, False, 0.1)
+    sample = batch(task)
+    model.train()
+    for _ in range(2):
+        loss_a, log_a, grads_a = run(task, model, ours, sample)
+        loss_b, log_b, grads_b = run(task, model, theirs, sample)
+        assert torch.equal(bits(loss_a), bits(loss_b))
+        for a, b in zip(grads_a, grads_b):
+            assert torch.equal(bits(a), bits(b))
+    buffer = ours._logits_scratch._buffer
+    assert buffer is not None and buffer.numel() >= sample["target"].numel()
+    model.eval()
+    with torch.no_grad():
+        loss_a, _, log_a = ours(model, sample)
+        loss_b, _, log_b = theirs(model, sample)
+    assert torch.equal(bits(loss_a), bits(loss_b))
+    assert torch.equal(bits(log_a["nll_loss"]), bits(log_b["nll_loss"]))
+    assert ours._logits_scratch._buffer.data_ptr() == buffer.data_ptr()

@@ -21,17 +21,19 @@ softmax.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
     LabelSmoothedCrossEntropyCriterionConfig,
+    label_smoothed_nll_loss,
 )
 from torch import Tensor
 
-from dsq_fairseq.nn.logits import loss_recomputing_logits
+from dsq_fairseq.models.dsq_transformer import DSQTransformerModel
+from dsq_fairseq.nn.logits import Scratch, loss_recomputing_logits
 
 
 def label_smoothed_logits_grad(logits: Tensor, target: Tensor, epsilon: float,
@@ -73,6 +75,20 @@ def label_smoothed_logits_grad(logits: Tensor, target: Tensor, epsilon: float,
     return grad.view(logits.shape)
 
 
+def label_smoothed_loss_no_grad(logits: Tensor, target: Tensor, epsilon: float,
+                                padding_idx: int, scratch: Scratch) -> Tuple[Tensor, Tensor]:
+    """fairseq's ``compute_loss`` (``reduce``, no prefix, plain log-softmax) of fp32 ``logits``
+    evaluated without autograd, its log-probs written into ``scratch`` (the same
+    ``_log_softmax`` kernel ``F.log_softmax`` runs, then fairseq's ``label_smoothed_nll_loss``
+    itself): the same ``(loss, nll_loss)`` bits, no fresh ``[tokens, vocab]`` tensor."""
+    vocab = logits.size(-1)
+    flat = logits.reshape(-1, vocab)
+    lprobs = scratch.take(tuple(flat.shape), flat)
+    torch._log_softmax(flat, -1, False, out=lprobs)
+    return label_smoothed_nll_loss(lprobs, target.reshape(-1), epsilon,
+                                   ignore_index=padding_idx, reduce=True)
+
+
 @register_criterion(
     "dsq_label_smoothed_cross_entropy", dataclass=LabelSmoothedCrossEntropyCriterionConfig
 )
@@ -80,20 +96,36 @@ class DSQLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     """``label_smoothed_cross_entropy`` whose loss node keeps only the packed ``Q0(x)`` of the
     output projection (module docstring)."""
 
+    def _scratch(self) -> Scratch:
+        """The criterion's one reusable ``[tokens, vocab]`` buffer (:class:`Scratch`): the
+        log-probs of a loss without autograd, then the logits recomputed in backward."""
+        if not hasattr(self, "_logits_scratch"):
+            self._logits_scratch = Scratch()
+        return self._logits_scratch
+
+    def _plain_formula(self, model, reduce: bool) -> bool:
+        """Whether this loss is fairseq's formula on ``log_softmax(logits)`` as the direct
+        paths assume: a DSQ model without adaptive softmax, ``reduce``, no ignored prefix."""
+        return (reduce and self.ignore_prefix_size == 0 and isinstance(model, DSQTransformerModel)
+                and getattr(model.decoder, "adaptive_softmax", None) is None)
+
     def compute_loss(self, model, net_output, sample, reduce=True):
         parent = super()
+        plain = self._plain_formula(model, reduce)
+        target = model.get_targets(sample, net_output) if plain else None
 
         def loss_of(logits):
+            if plain and not torch.is_grad_enabled() and logits.dtype == torch.float32:
+                return label_smoothed_loss_no_grad(logits, target, self.eps, self.padding_idx,
+                                                   self._scratch())
             return parent.compute_loss(model, (logits, *net_output[1:]), sample, reduce=reduce)
 
         grad_of = None
-        if (reduce and self.ignore_prefix_size == 0
-                and getattr(getattr(model, "decoder", None), "adaptive_softmax", None) is None):
-            target = model.get_targets(sample, net_output)
-
+        if plain:
             def grad_of(logits, grad_loss):
                 return label_smoothed_logits_grad(logits, target, self.eps, self.padding_idx,
                                                   grad_loss)
 
-        out = loss_recomputing_logits(net_output[0], loss_of, grad_of)
+        out = loss_recomputing_logits(net_output[0], loss_of, grad_of,
+                                      self._scratch() if plain else None)
         return loss_of(net_output[0]) if out is None else out
