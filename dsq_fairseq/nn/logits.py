@@ -125,11 +125,11 @@ class _LossRecomputingLogits(torch.autograd.Function):
         stash, weight = saved[:ctx.n_stash], saved[ctx.n_stash]
         bias = saved[ctx.n_stash + 1] if ctx.has_bias else None
         nones = (None,) * (4 + ctx.n_stash)
+        direct = ctx.grad_of is not None  # fewer [tokens, vocab] passes and temporaries
         with torch.no_grad():
-            if ctx.grad_of is not None:  # fewer [tokens, vocab] passes and temporaries
-                logits = _recompute(ctx.source, stash, weight, bias, ctx.scratch)
+            logits = _recompute(ctx.source, stash, weight, bias, ctx.scratch if direct else None)
+            if direct:
                 return (ctx.grad_of(logits, grad_loss), *nones)
-            logits = _recompute(ctx.source, stash, weight, bias)
         logits.requires_grad_(True)
         with torch.enable_grad():
             loss, _ = ctx.loss_of(logits)
