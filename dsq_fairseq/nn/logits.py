@@ -85,7 +85,7 @@ def _recompute(source: LogitsSource, stash: Tuple[Tensor, ...], weight: Tensor,
 
     xq = unpack_stash(stash, source.stash[1], source.runtime).view(source.x_shape)
     wq = weight_cache.quantize_weight(source.runtime, weight, source.q0, -1)
-    if scratch is None or not xq.is_contiguous() or (bias is not None and xq.dim() > 3):
+    if scratch is None or not xq.is_contiguous() or (bias is not None and xq.dim() not in (2, 3)):
         return F.linear(xq, wq, bias)
     x2 = xq.view(-1, xq.shape[-1])
     out = scratch.take((x2.shape[0], wq.shape[0]), x2)

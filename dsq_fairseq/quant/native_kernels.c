@@ -1,4 +1,5 @@
-/* Native CPU kernels (AVX-512): BFP quantize (round to nearest or stochastic), pack and unpack; 1-bit masks.
+/* Native CPU kernels (AVX-512): BFP quantize (round to nearest or stochastic), pack and
+ * unpack; 1-bit masks.
  *
  * Loaded by dsq_fairseq/quant/native.py (built with -O3 -march=native -fopenmp, no -ffast-math:
  * IEEE semantics, no flush-to-zero). Every kernel performs the reference's IEEE operations in the
