@@ -84,10 +84,13 @@ def test_non_finite_input_is_not_packed():
 
 def test_other_widths_dtypes_and_empty_tensors_are_declined():
     assert fast_pack.supports(torch.zeros(16, 7), 4, 0, 16)  # any shape
-    assert not fast_pack.supports(torch.zeros(16, 8), 16, 0, 16)  # width 16: the reference
+    assert not fast_pack.supports(torch.zeros(16, 8), 16, 0, 16)  # not compiled at width 16
     assert not fast_pack.supports(torch.zeros(16, 8, dtype=torch.float16), 4, 0, 16)
     assert not fast_pack.supports(torch.zeros(0, 8), 4, 0, 16)
     assert not fast_pack.supports(torch.zeros(()), 4, 0, 16)
-    assert fast_pack.bfp_pack(torch.zeros(16, 8), 16, 8, 16, 0) is None
+    # width 16: the native kernels only (the compiled ones decline, the reference packs it)
+    packed = fast_pack.bfp_pack(torch.zeros(16, 8), 16, 8, 16, 0)
+    assert (packed is not None) == native.available(torch.ones(1))
+    assert fast_pack.bfp_pack(torch.zeros(16, 8), 3, 8, 16, 0) is None
     fast.set_enabled(False)
     assert not fast_pack.supports(torch.zeros(16, 8), 4, 0, 16)

@@ -139,7 +139,7 @@ PACK_LAYOUTS = [((48, 32), 0, 16), ((45, 32), 0, 16), ((4, 24, 8), 1, 16), ((40,
                 ((3, 3, 5), 0, 16), ((45, 33), 0, 16), ((96, 37, 41), 1, 16)]
 
 
-@pytest.mark.parametrize("width", [2, 4, 8])
+@pytest.mark.parametrize("width", [2, 4, 8, 16])
 def test_pack_same_bytes_as_the_reference_and_unpacks_to_the_quantizer_output(width):
     if width < 8:  # both the direct and the one-byte-per-code kernels are exercised
         assert {native._direct(torch.Size(s), width, d, b) for s, d, b in PACK_LAYOUTS} == {
@@ -175,7 +175,8 @@ def test_pack_declines_non_finite_inputs_and_other_widths():
             x[shape[0] - 1, 5] = bad  # in the last (partial) tile or tail block too
             assert native.bfp_pack(x, 4, 8, 16, dim) is None
     assert native.supports_pack(torch.Size((16, 7)), 4)
-    assert not native.supports_pack(torch.Size((16, 8)), 16)  # width 16: the reference
+    assert native.supports_pack(torch.Size((16, 8)), 16)
+    assert not native.supports_pack(torch.Size((16, 8)), 3)  # no packed layout: the reference
     assert not native.supports_pack(torch.Size(()), 4) and not native.supports_pack(
         torch.Size((0, 8)), 4)
 
@@ -245,3 +246,26 @@ def test_dsq_gemms_take_the_pair_kernels_bit_identically(packing, monkeypatch):
     assert len(calls) == 4
     for got, want in zip(with_pair, without):
         assert_bits(got, want)
+
+
+@pytest.mark.parametrize("widths", [(16, 4), (4, 16), (8, 2), (16, 16), (3, 8)])
+def test_pair_kernel_matches_two_quantizations_and_the_packed_stream(widths):
+    """:func:`native.bfp_pair`: along the last dim at one width and along the second-to-last at
+    the other (fp32, or packed: the bytes of :func:`.packing.pack`, width 16's two byte streams
+    included), tiles with a short tail along the outer dim, serial and parallel sizes."""
+    w_last, w_outer = widths
+    for i, shape in enumerate([(40, 32), (37, 48), (3, 21, 16), (300, 512)]):
+        x = torch.nan_to_num(nasty(shape, seed=30 + i), nan=1.5, posinf=2.0, neginf=-3.0)
+        x.view(-1)[-1] = -0.0
+        q_last = ref.bfp_quantize(x, w_last, dim=-1)
+        q_outer = ref.bfp_quantize(x, w_outer, dim=-2)
+        got_last, got_outer = native.bfp_pair(x, w_last, w_outer, 8)
+        assert_bits(got_last, q_last)
+        assert_bits(got_outer, q_outer)
+        if w_outer not in native.PACK_WIDTHS:
+            continue
+        got_last, (codes, exps) = native.bfp_pair(x, w_last, w_outer, 8, pack_outer=True)
+        assert_bits(got_last, q_last)
+        assert torch.equal(codes, pack(q_outer, "bfp", w_outer, dim=-2).codes), shape
+        unpacked = PackedTensor(codes, exps, x.shape, w_outer, "pow2", x.dim() - 2, 16).unpack()
+        assert_bits(unpacked, q_outer)

@@ -135,9 +135,13 @@ def _pack_stash(
         if hit is not None:
             return hit
     packed = None
-    if q is None and scheme.format == "bfp" and scheme.rounding == "nearest" and fast.wanted(x):
-        # quantize-and-pack in two fused kernels, no fp32 Q1(x) (None: NaN/inf, odd shapes)
-        packed = fast_pack.bfp_pack(x, width, scheme.exponent_bits, scheme.block_size, dim)
+    if scheme.format == "bfp" and scheme.rounding == "nearest":
+        if q is None and fast.wanted(x):
+            # quantize-and-pack in two fused kernels, no fp32 Q1(x) (None: NaN/inf, odd shapes)
+            packed = fast_pack.bfp_pack(x, width, scheme.exponent_bits, scheme.block_size, dim)
+        elif q is not None and native.available(q) and native.supports_pack(q.shape, width):
+            # one C kernel; quantizing Q(x) again gives Q(x) (idempotent), so these are its codes
+            packed = fast_pack.bfp_pack(q, width, scheme.exponent_bits, scheme.block_size, dim)
     if packed is None:
         if q is None:
             q = scheme.quantize(x, width, dim=dim, is_weight=is_weight, generator=generator)

@@ -22,6 +22,11 @@ Layout: exactly :func:`.packing.pack`'s (the stream in ``x``'s row-major order, 
 and the tail are reduced in place (:func:`.fast._tail_split`) and the elementwise passes read
 the block's factor per element (:func:`.fast._per_element`), so no padded copy is made. Codes,
 exponents and unpacked values are bit-identical to the reference's (``tests/test_fast_pack.py``).
+
+On a CPU with AVX-512 both functions hand the work to the C kernels of :mod:`.native` instead,
+which also take width 16 (the stream's low bytes, then its high bytes, as
+:func:`.packing.pack_bits` lays them out): the output projection's ``Q0(x)`` kept for
+recomputing the logits (:mod:`dsq_fairseq.nn.logits`) is packed at q0 bits.
 """
 
 from __future__ import annotations
@@ -174,15 +179,17 @@ def _per_block(t: Tensor, p: int, n: int, q: int, block_size: int, axis: int) ->
 def bfp_pack(x: Tensor, width: int, exponent_bits: int = 8, block_size: int = 16,
              dim: int = -1) -> Optional[PackedTensor]:
     """``pack(bfp_quantize(x, width, exponent_bits, block_size, dim), ...)`` without the fp32
-    intermediate (module docstring); ``None`` when ``x`` holds a NaN/inf, when
-    :func:`supports` says no, or when compiling failed (the caller then takes the reference)."""
-    if not supports(x, width, dim, block_size):
-        return None
-    dim = dim % x.dim()
+    intermediate (module docstring); ``None`` when ``x`` holds a NaN/inf, when neither the
+    native kernels (:func:`.native.supports_pack`: widths 2, 4, 8 and 16) nor the compiled ones
+    (:func:`supports`) take it, or when compiling failed (the caller then takes the reference)."""
     if native.available(x) and native.supports_pack(x.shape, width):
+        dim = dim % x.dim()
         out = native.bfp_pack(x, width, exponent_bits, block_size, dim)
         return None if out is None else PackedTensor(*out, x.shape, width, "pow2", dim,
                                                      block_size, fast=True)
+    if not supports(x, width, dim, block_size):
+        return None
+    dim = dim % x.dim()
     xd = x.detach().contiguous()
     p, n, q = fast._pnq(x.shape, dim)
     view, axis, dyn = _layout(p, n, q, block_size)

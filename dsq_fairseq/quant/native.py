@@ -47,7 +47,7 @@ __all__ = ["available", "available_for", "bfp_pack", "bfp_quantize", "bfp_unpack
 
 _SOURCE = Path(__file__).with_name("native_kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
-PACK_WIDTHS = (2, 4, 8)
+PACK_WIDTHS = (2, 4, 8, 16)
 _lib: Optional[ctypes.CDLL] = None
 _state = "unloaded"  # "unloaded" | "ready" | "unavailable"
 _enabled = os.environ.get("DSQ_NATIVE", "1").strip().lower() not in ("0", "false", "off", "")
@@ -116,11 +116,13 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.dsq_bfp_quantize_sr.restype = None
         lib.dsq_uniform.argtypes = [ptr, i64, u32, u32, i32]
         lib.dsq_uniform.restype = None
-        lib.dsq_bfp_pack.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i32, i32, f32, i32, i32]
+        lib.dsq_bfp_pack.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i32, i32, i64, f32, i32,
+                                     i32]
         lib.dsq_bfp_pack.restype = i32
-        lib.dsq_bfp_unpack.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i32, i32, i32]
+        lib.dsq_bfp_unpack.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i32, i32, i64, i32]
         lib.dsq_bfp_unpack.restype = None
-        lib.dsq_bfp_pair.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32, i32, i32, i32]
+        lib.dsq_bfp_pair.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32, i32, i32,
+                                     i32]
         lib.dsq_bfp_pair.restype = i32
         for name in ("dsq_codes_join", "dsq_codes_split"):
             getattr(lib, name).argtypes = [ptr, ptr, i64, i32, i32]
@@ -189,15 +191,33 @@ def _direct(shape: torch.Size, width: int, dim: int, block_size: int) -> bool:
     """Whether the pack / unpack kernels can write / read the packed stream of ``shape``
     directly: every run of codes they handle starts and ends on a byte (``g = 8 / w``:
     ``Q % g == 0`` for blocks along a non-last dim; ``n % g == 0`` and ``B % g == 0`` along the
-    last). Otherwise they go through one byte per code and :func:`_join` / :func:`_split`."""
+    last; always at widths 8 and 16). Otherwise they go through one byte per code and
+    :func:`_join` / :func:`_split`."""
+    if width >= 8:
+        return True
     p, n, q = _pnq(shape, dim)
     g = 8 // width
     return (q % g == 0) if q > 1 else (n % g == 0 and block_size % g == 0)
 
 
+def _stream(numel: int, width: int) -> Tuple[Tensor, int]:
+    """An uninitialised packed stream for ``numel`` codes at ``width`` with its padding bytes
+    (after the last group of 8 codes; at width 16 after each of its two byte streams) zeroed,
+    and the offset of the high-byte stream (width 16; 0 otherwise)."""
+    nbytes = -(-numel // 8) * width
+    codes = torch.empty(nbytes, dtype=torch.uint8)
+    if width == 16:
+        half = nbytes // 2
+        codes[numel:half] = 0
+        codes[half + numel:] = 0
+        return codes, half
+    codes[numel * width // 8:] = 0
+    return codes, 0
+
+
 def supports_pack(shape: torch.Size, width: int) -> bool:
     """Whether :func:`bfp_pack` / :func:`bfp_unpack` take a tensor of ``shape`` at ``width``:
-    widths 2, 4 and 8, any non-empty shape with at least one dim."""
+    widths 2, 4, 8 and 16, any non-empty shape with at least one dim."""
     return width in PACK_WIDTHS and len(shape) > 0 and shape.numel() > 0
 
 
@@ -211,20 +231,20 @@ def bfp_pack(x: Tensor, width: int, exponent_bits: int, block_size: int, dim: in
     xc = x.detach().contiguous()
     p, n, q = _pnq(xc.shape, dim)
     numel = xc.numel()
-    nbytes = -(-numel // 8) * width
     direct = _direct(xc.shape, width, dim, block_size)
-    codes = torch.empty(nbytes if direct else numel, dtype=torch.uint8)
-    if direct and numel * width // 8 < nbytes:
-        codes[numel * width // 8:] = 0
+    if direct:
+        codes, hoff = _stream(numel, width)
+    else:
+        codes, hoff = torch.empty(numel, dtype=torch.uint8), 0
     exps = torch.empty((p, -(-n // block_size), 1, q), dtype=torch.int8)
     threads = torch.get_num_threads()
     ok = _lib.dsq_bfp_pack(xc.data_ptr(), codes.data_ptr(), exps.data_ptr(), p, n, q, block_size,
-                           width, width if direct else 8, float(2 ** (width - 1) - 1),
+                           width, width if direct else 8, hoff, float(2 ** (width - 1) - 1),
                            2 ** (exponent_bits - 1) - 1, threads)
     if not ok:
         return None
     if not direct:
-        stream = torch.empty(nbytes, dtype=torch.uint8)
+        stream = torch.empty(-(-numel // 8) * width, dtype=torch.uint8)
         _lib.dsq_codes_join(codes.data_ptr(), stream.data_ptr(), numel, width, threads)
         codes = stream
     return codes, exps
@@ -243,8 +263,9 @@ def bfp_unpack(codes: Tensor, exps: Tensor, shape: torch.Size, width: int, block
         c8 = torch.empty(numel, dtype=torch.uint8)
         _lib.dsq_codes_split(codes.data_ptr(), c8.data_ptr(), numel, width, threads)
         codes = c8
+    hoff = -(-numel // 8) * 8 if width == 16 else 0
     _lib.dsq_bfp_unpack(codes.data_ptr(), exps.data_ptr(), out.data_ptr(), p, n, q, block_size,
-                        width, width if direct else 8, threads)
+                        width, width if direct else 8, hoff, threads)
     return out
 
 
@@ -259,7 +280,7 @@ def bfp_pair(x: Tensor, width_last: int, width_outer: int, exponent_bits: int,
     """Two BFP round-to-nearest quantizations of ``x`` (:func:`supports_pair`, blocks of 16,
     widths 2..31) in one pass over it: along the last dim at ``width_last``, and along the
     second-to-last at ``width_outer`` -- as an fp32 tensor, or with ``pack_outer`` as the
-    ``(codes, exponents)`` of :func:`bfp_pack` (``width_outer`` 2/4/8; ``None`` when ``x``
+    ``(codes, exponents)`` of :func:`bfp_pack` (``width_outer`` 2/4/8/16; ``None`` when ``x``
     holds a NaN or inf). Each bit-identical to :func:`bfp_quantize` / :func:`bfp_pack`."""
     xc = x.detach().contiguous()
     q = xc.shape[-1]
@@ -267,14 +288,15 @@ def bfp_pair(x: Tensor, width_last: int, width_outer: int, exponent_bits: int,
     p = xc.numel() // (n * q) if xc.numel() else 0
     out_r = torch.empty_like(xc, memory_format=torch.contiguous_format)
     out_c = codes = exps = None
+    hoff = 0
     if pack_outer:
-        codes = torch.empty(-(-xc.numel() // 8) * width_outer, dtype=torch.uint8)
+        codes, hoff = _stream(xc.numel(), width_outer)
         exps = torch.empty((*xc.shape[:-2], -(-n // 16), 1, q), dtype=torch.int8)
     else:
         out_c = torch.empty_like(out_r)
     ptr = (lambda t: None if t is None else t.data_ptr())  # noqa: E731
     ok = _lib.dsq_bfp_pair(xc.data_ptr(), out_r.data_ptr(), ptr(out_c), ptr(codes), ptr(exps),
-                           p, n, q, width_last, width_outer, 2 ** (exponent_bits - 1) - 1,
+                           hoff, p, n, q, width_last, width_outer, 2 ** (exponent_bits - 1) - 1,
                            torch.get_num_threads())
     if not pack_outer:
         return out_r, out_c

@@ -282,7 +282,9 @@ void dsq_uniform(float* out, int64_t n, uint32_t k0, uint32_t k1, int nthreads) 
 
 /* ---------------------------------------------------------------------------------------- */
 /* pack / unpack: codes |k| + sign(k) << (w-1), g = 8 / w per byte, code j of a byte at bit
- * j * w, in x's row-major order (packing.pack_bits); exponents int8 [P, nblocks, Q].           */
+ * j * w, in x's row-major order (packing.pack_bits); exponents int8 [P, nblocks, Q]. Width 16
+ * (wj == 16): two byte streams, the codes' low bytes at codes[i] and their high bytes at
+ * codes[hoff + i] (pack_bits: hoff = numel rounded up to a multiple of 8).                    */
 
 /* 16 one-byte codes -> their 16 / g bytes (low bytes of the result). */
 static inline __m128i join_codes(__m128i c, int w) {
@@ -317,19 +319,35 @@ static inline __mmask16 byte_mask(int64_t ncodes, int w) { return lane_mask(ncod
 
 /* The codes of up to 16 elements (ncodes, a multiple of 8 / w) stored at stream position pos. */
 static inline void store_codes(uint8_t* codes, int64_t pos, int64_t ncodes, __m512 x,
-                               __m512 up_a, __m512 up_b, __m512 qmax, int w, int wj) {
+                               __m512 up_a, __m512 up_b, __m512 qmax, int w, int wj,
+                               int64_t hoff) {
   const __m512 k = scaled_int(x, up_a, up_b, qmax);
   const __m512i mag_k = _mm512_abs_epi32(_mm512_cvtps_epi32(k));
   const __m512i sign = _mm512_srli_epi32(_mm512_castps_si512(k), 31);
-  const __m128i c = _mm512_cvtepi32_epi8(_mm512_or_si512(mag_k, _mm512_slli_epi32(sign, w - 1)));
+  const __m512i c32 = _mm512_or_si512(mag_k, _mm512_slli_epi32(sign, w - 1));
+  if (wj == 16) {
+    const __mmask16 m = lane_mask(ncodes);
+    _mm_mask_storeu_epi8(codes + pos, m, _mm512_cvtepi32_epi8(c32));
+    _mm_mask_storeu_epi8(codes + hoff + pos, m, _mm512_cvtepi32_epi8(_mm512_srli_epi32(c32, 8)));
+    return;
+  }
+  const __m128i c = _mm512_cvtepi32_epi8(c32);
   _mm_mask_storeu_epi8(codes + pos * wj / 8, byte_mask(ncodes, wj), join_codes(c, wj));
 }
 
 /* fp32 +-|k| * scale of up to 16 codes at stream position pos (ncodes a multiple of 8 / w). */
 static inline __m512 load_values(const uint8_t* codes, int64_t pos, int64_t ncodes, __m512 scale,
-                                 int w, int wj) {
-  const __m128i b = _mm_maskz_loadu_epi8(byte_mask(ncodes, wj), codes + pos * wj / 8);
-  const __m512i c = _mm512_cvtepu8_epi32(split_codes(b, wj));
+                                 int w, int wj, int64_t hoff) {
+  __m512i c;
+  if (wj == 16) {
+    const __mmask16 m = lane_mask(ncodes);
+    c = _mm512_or_si512(
+        _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, codes + pos)),
+        _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, codes + hoff + pos)), 8));
+  } else {
+    const __m128i b = _mm_maskz_loadu_epi8(byte_mask(ncodes, wj), codes + pos * wj / 8);
+    c = _mm512_cvtepu8_epi32(split_codes(b, wj));
+  }
   const __m512 m = _mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32((1 << (w - 1)) - 1)));
   const __mmask16 neg = _mm512_test_epi32_mask(c, _mm512_set1_epi32(1 << (w - 1)));
   const __m512 v = _mm512_mask_xor_ps(m, neg, m, _mm512_set1_ps(-0.0f));
@@ -352,7 +370,7 @@ static inline __m512 pow2_scale(__m512i e, int wm2) {
 }
 
 static int pack_rows16(const float* x, uint8_t* codes, int8_t* exps, int64_t nblocks, int w,
-                       int wj, float qmaxf, int emax, int nthreads) {
+                       int wj, int64_t hoff, float qmaxf, int emax, int nthreads) {
   const int64_t ntiles = nblocks / 16;
   const __m512 qmax = _mm512_set1_ps(qmaxf);
   int bad = 0;
@@ -369,18 +387,20 @@ static int pack_rows16(const float* x, uint8_t* codes, int8_t* exps, int64_t nbl
     store_factors(&f, &l);
     for (int i = 0; i < 16; ++i)
       store_codes(codes, t * 256 + 16 * i, 16, _mm512_loadu_ps(xb + 16 * i), lane(l.up_a, i),
-                  lane(l.up_b, i), qmax, w, wj);
+                  lane(l.up_b, i), qmax, w, wj, hoff);
   }
   for (int64_t b = ntiles * 16; b < nblocks; ++b) {
     const factors_t f = pow2_factors(block_max(x + 16 * b, 16, &bad), w - 2, emax);
     exps[b] = (int8_t)_mm_cvtsi128_si32(_mm512_cvtepi32_epi8(f.e));
-    store_codes(codes, 16 * b, 16, _mm512_loadu_ps(x + 16 * b), f.up_a, f.up_b, qmax, w, wj);
+    store_codes(codes, 16 * b, 16, _mm512_loadu_ps(x + 16 * b), f.up_a, f.up_b, qmax, w, wj,
+                hoff);
   }
   return !bad;
 }
 
 static int pack_rows(const float* x, uint8_t* codes, int8_t* exps, int64_t P, int64_t n,
-                     int64_t B, int w, int wj, float qmaxf, int emax, int nthreads) {
+                     int64_t B, int w, int wj, int64_t hoff, float qmaxf, int emax,
+                     int nthreads) {
   const int64_t nb = (n + B - 1) / B;
   const __m512 qmax = _mm512_set1_ps(qmaxf);
   int bad = 0;
@@ -395,14 +415,15 @@ static int pack_rows(const float* x, uint8_t* codes, int8_t* exps, int64_t P, in
     for (int64_t c = 0; c < len; c += 16) {
       const int64_t r = len - c < 16 ? len - c : 16;
       store_codes(codes, p * n + s + c, r, _mm512_maskz_loadu_ps(lane_mask(r), xb + c), f.up_a,
-                  f.up_b, qmax, w, wj);
+                  f.up_b, qmax, w, wj, hoff);
     }
   }
   return !bad;
 }
 
 static int pack_cols(const float* x, uint8_t* codes, int8_t* exps, int64_t P, int64_t n, int64_t Q,
-                     int64_t B, int w, int wj, float qmaxf, int emax, int nthreads) {
+                     int64_t B, int w, int wj, int64_t hoff, float qmaxf, int emax,
+                     int nthreads) {
   const int64_t nb = (n + B - 1) / B;
   const __m512 qmax = _mm512_set1_ps(qmaxf);
   int bad = 0;
@@ -427,29 +448,30 @@ static int pack_cols(const float* x, uint8_t* codes, int8_t* exps, int64_t P, in
       _mm_mask_storeu_epi8(exps + t * Q + c, m, _mm512_cvtepi32_epi8(f.e));
       for (int64_t i = 0; i < len; ++i)
         store_codes(codes, (p * n + s + i) * Q + c, r, _mm512_maskz_loadu_ps(m, xb + i * Q + c),
-                    f.up_a, f.up_b, qmax, w, wj);
+                    f.up_a, f.up_b, qmax, w, wj, hoff);
     }
   }
   return !bad;
 }
 
-/* packing.pack(bfp_quantize(x, w, e, B, dim), ...) of fp32 x viewed [P, n, Q], w in {2, 4, 8}:
- * codes and exponents ([P, nblocks, Q] int8). wj == w: the packed stream (numel * w / 8 bytes;
- * the caller zeroes any padding after them); needs every run of codes a kernel writes on whole
- * bytes: Q % (8 / w) == 0 when Q > 1, else n and B multiples of 8 / w. wj == 8: one byte per
- * code, any layout (dsq_codes_join then packs the stream). Returns 0 (outputs undefined) when
- * x holds a NaN or inf. */
+/* packing.pack(bfp_quantize(x, w, e, B, dim), ...) of fp32 x viewed [P, n, Q], w in
+ * {2, 4, 8, 16}: codes and exponents ([P, nblocks, Q] int8). wj == w: the packed stream
+ * (numel * w / 8 bytes; the caller zeroes any padding after them); for w < 8 it needs every run
+ * of codes a kernel writes on whole bytes: Q % (8 / w) == 0 when Q > 1, else n and B multiples
+ * of 8 / w. wj == 8 (w < 8): one byte per code, any layout (dsq_codes_join then packs the
+ * stream). wj == 16 (w == 16): any layout, the high bytes at hoff. Returns 0 (outputs
+ * undefined) when x holds a NaN or inf. */
 int dsq_bfp_pack(const float* x, uint8_t* codes, int8_t* exps, int64_t P, int64_t n, int64_t Q,
-                 int64_t B, int w, int wj, float qmax, int emax, int nthreads) {
-  if (Q > 1) return pack_cols(x, codes, exps, P, n, Q, B, w, wj, qmax, emax, nthreads);
+                 int64_t B, int w, int wj, int64_t hoff, float qmax, int emax, int nthreads) {
+  if (Q > 1) return pack_cols(x, codes, exps, P, n, Q, B, w, wj, hoff, qmax, emax, nthreads);
   if (B == 16 && n % 16 == 0)
-    return pack_rows16(x, codes, exps, P * (n / 16), w, wj, qmax, emax, nthreads);
-  return pack_rows(x, codes, exps, P, n, B, w, wj, qmax, emax, nthreads);
+    return pack_rows16(x, codes, exps, P * (n / 16), w, wj, hoff, qmax, emax, nthreads);
+  return pack_rows(x, codes, exps, P, n, B, w, wj, hoff, qmax, emax, nthreads);
 }
 
 /* PackedTensor.unpack of dsq_bfp_pack's output (same layout rules, same wj) into fp32 out. */
 void dsq_bfp_unpack(const uint8_t* codes, const int8_t* exps, float* out, int64_t P, int64_t n,
-                    int64_t Q, int64_t B, int w, int wj, int nthreads) {
+                    int64_t Q, int64_t B, int w, int wj, int64_t hoff, int nthreads) {
   const int64_t nb = (n + B - 1) / B;
   if (Q > 1) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (P * n * Q > PAR_MIN)
@@ -463,7 +485,7 @@ void dsq_bfp_unpack(const uint8_t* codes, const int8_t* exps, float* out, int64_
             _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, exps + t * Q + c)), w - 2);
         for (int64_t i = 0; i < len; ++i) {
           const int64_t pos = (p * n + s + i) * Q + c;
-          _mm512_mask_storeu_ps(out + pos, m, load_values(codes, pos, r, scale, w, wj));
+          _mm512_mask_storeu_ps(out + pos, m, load_values(codes, pos, r, scale, w, wj, hoff));
         }
       }
     }
@@ -479,7 +501,7 @@ void dsq_bfp_unpack(const uint8_t* codes, const int8_t* exps, float* out, int64_
                                           lane_mask(nblk), exps + 16 * t)), w - 2));
       for (int64_t i = 0; i < nblk; ++i) {
         const int64_t pos = t * 256 + 16 * i;
-        _mm512_storeu_ps(out + pos, load_values(codes, pos, 16, lane(sc, (int)i), w, wj));
+        _mm512_storeu_ps(out + pos, load_values(codes, pos, 16, lane(sc, (int)i), w, wj, hoff));
       }
     }
     return;
@@ -492,7 +514,8 @@ void dsq_bfp_unpack(const uint8_t* codes, const int8_t* exps, float* out, int64_
     for (int64_t c = 0; c < len; c += 16) {
       const int64_t r = len - c < 16 ? len - c : 16;
       const int64_t pos = p * n + s + c;
-      _mm512_mask_storeu_ps(out + pos, lane_mask(r), load_values(codes, pos, r, scale, w, wj));
+      _mm512_mask_storeu_ps(out + pos, lane_mask(r),
+                            load_values(codes, pos, r, scale, w, wj, hoff));
     }
   }
 }
@@ -526,11 +549,13 @@ void dsq_codes_split(const uint8_t* in, uint8_t* c8, int64_t n, int w, int nthre
 /* Two quantizations of one tensor in one read: x [P, n, Q], Q % 16 == 0, blocks of 16 both
  * ways. out_r: along Q (the contiguous last dim) at width wr; along n ("cols") at width wc,
  * either fp32 into out_c (codes_c == NULL) or packed straight into codes_c / exps_c
- * ([P, nblocks, Q] int8; stream rules of dsq_bfp_pack with wj == wc). Each 16 x 16 tile is
- * loaded once: its per-row maxima (max16x16v) and per-lane maxima give both sets of factors.
+ * ([P, nblocks, Q] int8; stream rules of dsq_bfp_pack with wj == wc, hoff for wc == 16). Each
+ * 16 x 16 tile is loaded once: its per-row maxima (max16x16v) and per-lane maxima give both
+ * sets of factors.
  * Returns 0 when packing met a NaN or inf (codes_c / exps_c then undefined; out_r is valid). */
 int dsq_bfp_pair(const float* x, float* out_r, float* out_c, uint8_t* codes_c, int8_t* exps_c,
-                 int64_t P, int64_t n, int64_t Q, int wr, int wc, int emax, int nthreads) {
+                 int64_t hoff, int64_t P, int64_t n, int64_t Q, int wr, int wc, int emax,
+                 int nthreads) {
   const int64_t nb = (n + 15) / 16;
   const __m512 qmax_r = _mm512_set1_ps((float)((1 << (wr - 1)) - 1));
   const __m512 qmax_c = _mm512_set1_ps((float)((1 << (wc - 1)) - 1));
@@ -564,7 +589,7 @@ int dsq_bfp_pair(const float* x, float* out_r, float* out_c, uint8_t* codes_c, i
                                                lane(l.down_a, (int)i), lane(l.down_b, (int)i),
                                                qmax_r));
         if (codes_c)
-          store_codes(codes_c, pos, 16, v[i], fc.up_a, fc.up_b, qmax_c, wc, wc);
+          store_codes(codes_c, pos, 16, v[i], fc.up_a, fc.up_b, qmax_c, wc, wc, hoff);
         else
           _mm512_storeu_ps(out_c + pos,
                            quantize(v[i], fc.up_a, fc.up_b, fc.down_a, fc.down_b, qmax_c));
