@@ -136,12 +136,13 @@ def _pack_stash(
             return hit
     packed = None
     if scheme.format == "bfp" and scheme.rounding == "nearest":
-        if q is None and fast.wanted(x):
-            # quantize-and-pack in two fused kernels, no fp32 Q1(x) (None: NaN/inf, odd shapes)
-            packed = fast_pack.bfp_pack(x, width, scheme.exponent_bits, scheme.block_size, dim)
-        elif q is not None and native.available(q) and native.supports_pack(q.shape, width):
-            # one C kernel; quantizing Q(x) again gives Q(x) (idempotent), so these are its codes
-            packed = fast_pack.bfp_pack(q, width, scheme.exponent_bits, scheme.block_size, dim)
+        # quantize-and-pack without an fp32 Q1(x) (None: NaN/inf, odd shapes): one C kernel at
+        # any size where it runs (from Q(x) when given: quantizing it again gives Q(x) itself,
+        # so these are its codes), else compiled kernels once fast.wanted says they pay
+        src = x if q is None else q
+        if ((native.available(src) and native.supports_pack(src.shape, width))
+                or (q is None and fast.wanted(x))):
+            packed = fast_pack.bfp_pack(src, width, scheme.exponent_bits, scheme.block_size, dim)
     if packed is None:
         if q is None:
             q = scheme.quantize(x, width, dim=dim, is_weight=is_weight, generator=generator)
