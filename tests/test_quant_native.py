@@ -269,3 +269,43 @@ def test_pair_kernel_matches_two_quantizations_and_the_packed_stream(widths):
         assert torch.equal(codes, pack(q_outer, "bfp", w_outer, dim=-2).codes), shape
         unpacked = PackedTensor(codes, exps, x.shape, w_outer, "pow2", x.dim() - 2, 16).unpack()
         assert_bits(unpacked, q_outer)
+
+
+def _extreme_tiles() -> torch.Tensor:
+    """[64, 64]: 16 x 16 tiles of ordinary values, of blocks far below the normal range (all
+    subnormal: E clamped at -emax), near the top of the range, and tiles whose rows or columns
+    mix those scales, so that every kernel meets tiles where the one-step scale factor
+    ``2^k`` applies to all blocks and tiles where some block needs the two halves."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(64, 64, generator=g)
+    x[:16, 16:32] *= 2.0 ** -140  # subnormal blocks both ways
+    x[16:32, :16] *= 2.0 ** 126  # |k| = 127 - (w - 2) for small w
+    x[32:48, 32:48] *= 2.0 ** -120
+    x[33, 32:48] *= 2.0 ** -25  # one tiny row block in an otherwise ordinary tile
+    x[48:64, 50] *= 2.0 ** -150  # one tiny column (underflows to zeros and subnormals)
+    x[40, 0] = 2.0 ** -149
+    return x
+
+
+@pytest.mark.parametrize("width", [2, 4, 8, 16, 31])
+def test_one_step_and_two_step_scaling_tiles_are_bit_identical(width):
+    """Tiles where every block takes the one-step factor and tiles that fall back to the
+    reference's two halves (|k| > 126), through every round-to-nearest kernel."""
+    x = _extreme_tiles()
+    for dim in (0, 1):
+        q = ref.bfp_quantize(x, width, 8, 16, dim)
+        assert_bits(native.bfp_quantize(x, width, 8, 16, dim), q)
+        y = x.clone()
+        assert_bits(native.bfp_quantize(y, width, 8, 16, dim, inplace=True), q)
+        if width in native.PACK_WIDTHS:
+            codes, exps = native.bfp_pack(x, width, 8, 16, dim)
+            assert torch.equal(codes, pack(q, "bfp", width, dim=dim).codes)
+            assert_bits(native.bfp_unpack(codes, exps, x.shape, width, 16, dim), q)
+    for w_outer in (width, 4):
+        q_last, q_outer = native.bfp_pair(x, width, w_outer, 8)
+        assert_bits(q_last, ref.bfp_quantize(x, width, 8, 16, 1))
+        assert_bits(q_outer, ref.bfp_quantize(x, w_outer, 8, 16, 0))
+        if w_outer in native.PACK_WIDTHS:
+            _, (codes, _) = native.bfp_pair(x, width, w_outer, 8, pack_outer=True)
+            assert torch.equal(codes, pack(ref.bfp_quantize(x, w_outer, 8, 16, 0), "bfp",
+                                           w_outer, dim=0).codes)

@@ -28,10 +28,22 @@ static inline __mmask16 lane_mask(int64_t len) {
 /* Per lane, from a NaN-free block maximum amax >= 0: the shared exponent
  * E = clamp(field(amax) - 127, -emax, emax) (0 for amax == 0) and the scale-up halves
  * 2^(lo), 2^(hi), lo = floor(k / 2), hi = k - lo, k = (w - 2) - E, and their reciprocals
- * (fast._pow2_factors / bfp._exp2_halves). */
+ * (fast._pow2_factors / bfp._exp2_halves); all normal powers of two built from their bits
+ * (|lo|, |hi| <= 79 for w <= 31, emax <= 127).
+ *
+ * Round to nearest also has a one-step form: x * 2^k and k_int * 2^-k (up, down) where every
+ * lane has |k| <= 126 (single), bit-identical to the halves. A product by a power of two is
+ * exact unless it leaves the normal range. Up: if x * 2^lo is normal, both forms round the
+ * same exact x * 2^k once; if it is subnormal, |x * 2^k| < 2^-126 * 2^hi <= 2^-47 either way
+ * and both round to a zero of x's sign; if it overflows, so does x * 2^k (same sign of lo, k).
+ * Down: k_int * 2^-lo is exact (an integer |k_int| < 2^30 times 2^-lo >= 2^-79), so both round
+ * the same exact k_int * 2^-k once. Stochastic rounding keeps the halves: there a rounded-away
+ * tiny y still differs where u == 0. */
 typedef struct {
   __m512 up_a, up_b, down_a, down_b;
+  __m512 up, down; /* 2^k, 2^-k; meaningful where single */
   __m512i e;
+  int single;
 } factors_t;
 
 static inline factors_t pow2_factors(__m512 amax, int wm2, int emax) {
@@ -45,11 +57,15 @@ static inline factors_t pow2_factors(__m512 amax, int wm2, int emax) {
   const __m512i lo = _mm512_srai_epi32(k, 1);
   const __m512i hi = _mm512_sub_epi32(k, lo);
   const __m512i bias = _mm512_set1_epi32(127);
-  const __m512 one = _mm512_set1_ps(1.0f);
-  f.up_a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(lo, bias), 23));
-  f.up_b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(hi, bias), 23));
-  f.down_a = _mm512_div_ps(one, f.up_a); /* exact: powers of two */
-  f.down_b = _mm512_div_ps(one, f.up_b);
+  f.up_a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(bias, lo), 23));
+  f.up_b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(bias, hi), 23));
+  f.down_a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(bias, lo), 23));
+  f.down_b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(bias, hi), 23));
+  const __m512i kc = _mm512_max_epi32(_mm512_min_epi32(k, _mm512_set1_epi32(126)),
+                                      _mm512_set1_epi32(-126));
+  f.up = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(bias, kc), 23));
+  f.down = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(bias, kc), 23));
+  f.single = _mm512_cmpeq_epi32_mask(kc, k) == (__mmask16)0xFFFF;
   f.e = e;
   return f;
 }
@@ -57,18 +73,33 @@ static inline factors_t pow2_factors(__m512 amax, int wm2, int emax) {
 /* Lane i of the result: factor vector lane i broadcast. */
 static inline __m512 lane(const float* v, int i) { return _mm512_set1_ps(v[i]); }
 
-/* round-to-nearest-even(x * up_a * up_b) clamped to [-qmax, qmax]; NaN stays NaN (max/min
- * return their second operand when either is NaN, as torch.clamp propagates it). */
-static inline __m512 scaled_int(__m512 x, __m512 up_a, __m512 up_b, __m512 qmax) {
-  __m512 y = _mm512_mul_ps(_mm512_mul_ps(x, up_a), up_b);
-  y = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+/* y clamped to [-qmax, qmax]; NaN stays NaN (max/min return their second operand when either
+ * is NaN, as torch.clamp propagates it). */
+static inline __m512 clamp_q(__m512 y, __m512 qmax) {
   const __m512 nqmax = _mm512_sub_ps(_mm512_setzero_ps(), qmax);
   return _mm512_min_ps(qmax, _mm512_max_ps(nqmax, y));
+}
+
+/* round-to-nearest-even(x * up_a * up_b) clamped to [-qmax, qmax]. */
+static inline __m512 scaled_int(__m512 x, __m512 up_a, __m512 up_b, __m512 qmax) {
+  const __m512 y = _mm512_mul_ps(_mm512_mul_ps(x, up_a), up_b);
+  return clamp_q(_mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), qmax);
 }
 
 static inline __m512 quantize(__m512 x, __m512 up_a, __m512 up_b, __m512 down_a, __m512 down_b,
                               __m512 qmax) {
   return _mm512_mul_ps(_mm512_mul_ps(scaled_int(x, up_a, up_b, qmax), down_a), down_b);
+}
+
+/* The one-step forms (factors_t.single): scaled_int and quantize with up = 2^k, down = 2^-k. */
+static inline __m512 scaled_int1(__m512 x, __m512 up, __m512 qmax) {
+  return clamp_q(
+      _mm512_roundscale_ps(_mm512_mul_ps(x, up), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+      qmax);
+}
+
+static inline __m512 quantize1(__m512 x, __m512 up, __m512 down, __m512 qmax) {
+  return _mm512_mul_ps(scaled_int1(x, up, qmax), down);
 }
 
 /* Stochastic rounding (dsq_fairseq/quant/rounding.py): the stream key (k0, k1); u of element i
@@ -163,10 +194,12 @@ static inline __m512 block_max(const float* xb, int64_t len, int* bad) {
 }
 
 typedef struct {
-  float up_a[16], up_b[16], down_a[16], down_b[16];
+  float up_a[16], up_b[16], down_a[16], down_b[16], up[16], down[16];
 } lanes_t;
 
 static inline void store_factors(const factors_t* f, lanes_t* l) {
+  _mm512_storeu_ps(l->up, f->up);
+  _mm512_storeu_ps(l->down, f->down);
   _mm512_storeu_ps(l->up_a, f->up_a);
   _mm512_storeu_ps(l->up_b, f->up_b);
   _mm512_storeu_ps(l->down_a, f->down_a);
@@ -189,6 +222,12 @@ static void quantize_rows16(const float* x, float* out, int64_t nblocks, int wm2
     const factors_t f = pow2_factors(max16x16(xb), wm2, emax);
     lanes_t l;
     store_factors(&f, &l);
+    if (f.single && !r) {
+      for (int i = 0; i < 16; ++i)
+        _mm512_storeu_ps(ob + 16 * i, quantize1(_mm512_loadu_ps(xb + 16 * i), lane(l.up, i),
+                                                lane(l.down, i), qmax));
+      continue;
+    }
     for (int i = 0; i < 16; ++i)
       _mm512_storeu_ps(ob + 16 * i,
                        quantize_at(_mm512_loadu_ps(xb + 16 * i), lane(l.up_a, i), lane(l.up_b, i),
@@ -238,6 +277,13 @@ static void quantize_cols(const float* x, float* out, int64_t P, int64_t n, int6
       for (int64_t i = 0; i < len; ++i)
         acc = _mm512_max_ps(mag(_mm512_maskz_loadu_ps(m, xb + i * Q + c)), acc);
       const factors_t f = pow2_factors(acc, wm2, emax);
+      if (f.single && !r) {
+        for (int64_t i = 0; i < len; ++i)
+          _mm512_mask_storeu_ps(ob + i * Q + c, m,
+                                quantize1(_mm512_maskz_loadu_ps(m, xb + i * Q + c), f.up,
+                                          f.down, qmax));
+        continue;
+      }
       for (int64_t i = 0; i < len; ++i)
         _mm512_mask_storeu_ps(ob + i * Q + c, m,
                               quantize_at(_mm512_maskz_loadu_ps(m, xb + i * Q + c), f.up_a,
@@ -317,11 +363,10 @@ static inline __m128i split_codes(__m128i b, int w) {
 
 static inline __mmask16 byte_mask(int64_t ncodes, int w) { return lane_mask(ncodes * w / 8); }
 
-/* The codes of up to 16 elements (ncodes, a multiple of 8 / w) stored at stream position pos. */
-static inline void store_codes(uint8_t* codes, int64_t pos, int64_t ncodes, __m512 x,
-                               __m512 up_a, __m512 up_b, __m512 qmax, int w, int wj,
-                               int64_t hoff) {
-  const __m512 k = scaled_int(x, up_a, up_b, qmax);
+/* The codes of up to 16 integers k = scaled_int(x) (ncodes, a multiple of 8 / w) stored at
+ * stream position pos. */
+static inline void store_codes_k(uint8_t* codes, int64_t pos, int64_t ncodes, __m512 k, int w,
+                                 int wj, int64_t hoff) {
   const __m512i mag_k = _mm512_abs_epi32(_mm512_cvtps_epi32(k));
   const __m512i sign = _mm512_srli_epi32(_mm512_castps_si512(k), 31);
   const __m512i c32 = _mm512_or_si512(mag_k, _mm512_slli_epi32(sign, w - 1));
@@ -333,6 +378,13 @@ static inline void store_codes(uint8_t* codes, int64_t pos, int64_t ncodes, __m5
   }
   const __m128i c = _mm512_cvtepi32_epi8(c32);
   _mm_mask_storeu_epi8(codes + pos * wj / 8, byte_mask(ncodes, wj), join_codes(c, wj));
+}
+
+/* The codes of up to 16 elements of x (scaled_int with the halves). */
+static inline void store_codes(uint8_t* codes, int64_t pos, int64_t ncodes, __m512 x,
+                               __m512 up_a, __m512 up_b, __m512 qmax, int w, int wj,
+                               int64_t hoff) {
+  store_codes_k(codes, pos, ncodes, scaled_int(x, up_a, up_b, qmax), w, wj, hoff);
 }
 
 /* fp32 +-|k| * scale of up to 16 codes at stream position pos (ncodes a multiple of 8 / w). */
@@ -385,6 +437,12 @@ static int pack_rows16(const float* x, uint8_t* codes, int8_t* exps, int64_t nbl
     _mm_storeu_si128((__m128i*)(exps + 16 * t), _mm512_cvtepi32_epi8(f.e));
     lanes_t l;
     store_factors(&f, &l);
+    if (f.single) {
+      for (int i = 0; i < 16; ++i)
+        store_codes_k(codes, t * 256 + 16 * i, 16,
+                      scaled_int1(_mm512_loadu_ps(xb + 16 * i), lane(l.up, i), qmax), w, wj, hoff);
+      continue;
+    }
     for (int i = 0; i < 16; ++i)
       store_codes(codes, t * 256 + 16 * i, 16, _mm512_loadu_ps(xb + 16 * i), lane(l.up_a, i),
                   lane(l.up_b, i), qmax, w, wj, hoff);
@@ -446,6 +504,13 @@ static int pack_cols(const float* x, uint8_t* codes, int8_t* exps, int64_t P, in
       bad |= nf != 0;
       const factors_t f = pow2_factors(acc, w - 2, emax);
       _mm_mask_storeu_epi8(exps + t * Q + c, m, _mm512_cvtepi32_epi8(f.e));
+      if (f.single) {
+        for (int64_t i = 0; i < len; ++i)
+          store_codes_k(codes, (p * n + s + i) * Q + c, r,
+                        scaled_int1(_mm512_maskz_loadu_ps(m, xb + i * Q + c), f.up, qmax), w, wj,
+                        hoff);
+        continue;
+      }
       for (int64_t i = 0; i < len; ++i)
         store_codes(codes, (p * n + s + i) * Q + c, r, _mm512_maskz_loadu_ps(m, xb + i * Q + c),
                     f.up_a, f.up_b, qmax, w, wj, hoff);
@@ -569,19 +634,31 @@ int dsq_bfp_pair(const float* x, float* out_r, float* out_c, uint8_t* codes_c, i
     for (int64_t c = 0; c < Q; c += 16) {
       __m512 v[16];
       __m512 acc = _mm512_setzero_ps();
-      __mmask16 nf = 0;
       for (int i = 0; i < 16; ++i) {
         v[i] = i < len ? _mm512_loadu_ps(xb + i * Q + c) : _mm512_setzero_ps();
         acc = _mm512_max_ps(mag(v[i]), acc);
-        nf |= nonfinite(v[i]);
       }
       const factors_t fc = pow2_factors(acc, wc - 2, emax);
       const factors_t fr = pow2_factors(max16x16v(v), wr - 2, emax);
       lanes_t l;
       store_factors(&fr, &l);
       if (codes_c) {
+        __mmask16 nf = 0;
+        for (int i = 0; i < 16; ++i) nf |= nonfinite(v[i]);
         bad |= nf != 0;
         _mm_storeu_si128((__m128i*)(exps_c + t * Q + c), _mm512_cvtepi32_epi8(fc.e));
+      }
+      if (fr.single && fc.single) {
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t pos = (p * n + s + i) * Q + c;
+          _mm512_storeu_ps(out_r + pos,
+                           quantize1(v[i], lane(l.up, (int)i), lane(l.down, (int)i), qmax_r));
+          if (codes_c)
+            store_codes_k(codes_c, pos, 16, scaled_int1(v[i], fc.up, qmax_c), wc, wc, hoff);
+          else
+            _mm512_storeu_ps(out_c + pos, quantize1(v[i], fc.up, fc.down, qmax_c));
+        }
+        continue;
       }
       for (int64_t i = 0; i < len; ++i) {
         const int64_t pos = (p * n + s + i) * Q + c;
