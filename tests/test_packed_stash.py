@@ -61,8 +61,8 @@ MASK_SHAPES = [(37, 5, 13), (300, 257)]
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9])
 def test_dropout_is_bit_identical_and_keeps_one_bit(p, mask_kernels):
-    for shape in MASK_SHAPES:
-        x = tricky(shape)
+    # contiguous inputs: mask and product in one native pass; a transposed one: torch's ops
+    for x in [tricky(shape) for shape in MASK_SHAPES] + [tricky((40, 33)).t()]:
         y_ref, g_ref, _ = forward_backward(lambda t: F.dropout(t, p, training=True), x)
         y, g, (saved,) = forward_backward(lambda t: dsq_dropout(t, p), x)
         assert torch.equal(bits(y.detach().nan_to_num()), bits(y_ref.detach().nan_to_num()))

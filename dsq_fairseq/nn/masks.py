@@ -17,7 +17,9 @@ The DSQ model installs them (:func:`~dsq_fairseq.nn.modules.install_dsq`) in pla
 runtime's stash packing is ``off``, without autograd, for in-place dropout and for ``p`` outside
 ``(0, 1)``. On CPUs with the native kernels (:mod:`dsq_fairseq.quant.native`) the mask bits
 are written from ``noise`` / ``y`` and applied to the gradient in one pass each (same bits, same
-gradients).
+gradients), and dropout's output of a contiguous ``x`` is ``x * (bit ? 1 / (1 - p) : 0)`` in one
+pass from the bits instead of torch's ``noise / (1 - p)`` and product (``noise`` is 0 or 1, the
+factor is torch's own division: the same products).
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ def unpack_mask(data: Tensor, shape: torch.Size) -> Tensor:
     return bits.view(-1)[:n].view(shape)
 
 
+def _keep_scale(like: Tensor, p: float) -> float:
+    """``1 / (1 - p)`` as torch's dropout computes it on ``like``'s dtype (``noise.div_``)."""
+    return torch.ones((), dtype=like.dtype).div_(1 - p).item()
+
+
 class _Dropout1Bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, p: float) -> Tensor:  # type: ignore[override]
@@ -54,10 +61,16 @@ class _Dropout1Bit(torch.autograd.Function):
             bits = pack_mask(mask)
         else:  # at::native::_dropout_impl, op for op
             noise = torch.empty_like(x).bernoulli_(1 - p)
-            bits = (native.mask_pack(noise, native.MASK_NONZERO) if native.available(noise)
-                    else pack_mask(noise != 0))  # the bits of noise != 0
-            noise.div_(1 - p)
-            y = x * noise
+            if native.available(noise) and x.is_contiguous():
+                bits = native.mask_pack(noise, native.MASK_NONZERO)  # the bits of noise != 0
+                # x * (noise / (1 - p)) in one pass from the bits: noise is 0 or 1, and
+                # 1 / (1 - p) is torch's own division (as in backward), so the same products
+                y = native.mask_apply(bits, x, native.MASK_NONZERO, _keep_scale(x, p))
+            else:
+                bits = (native.mask_pack(noise, native.MASK_NONZERO) if native.available(noise)
+                        else pack_mask(noise != 0))
+                noise.div_(1 - p)
+                y = x * noise
         ctx.save_for_backward(bits)
         ctx.p, ctx.shape, ctx.cuda = p, x.shape, x.is_cuda
         return y
@@ -66,8 +79,8 @@ class _Dropout1Bit(torch.autograd.Function):
     def backward(ctx, g: Tensor) -> Tuple[Tensor, None]:  # type: ignore[override]
         (bits,) = ctx.saved_tensors
         if not ctx.cuda and native.available(g):  # g * (bit ? 1 / (1 - p) : 0), one pass
-            scale = torch.ones((), dtype=g.dtype).div_(1 - ctx.p).item()  # torch's own division
-            return native.mask_apply(bits, g, native.MASK_NONZERO, scale).view(ctx.shape), None
+            return native.mask_apply(bits, g, native.MASK_NONZERO,
+                                     _keep_scale(g, ctx.p)).view(ctx.shape), None
         mask = unpack_mask(bits, ctx.shape)
         if ctx.cuda:
             return torch.ops.aten.native_dropout_backward(g, mask, 1.0 / (1 - ctx.p)), None
