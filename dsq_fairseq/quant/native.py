@@ -200,19 +200,24 @@ def _direct(shape: torch.Size, width: int, dim: int, block_size: int) -> bool:
     return (q % g == 0) if q > 1 else (n % g == 0 and block_size % g == 0)
 
 
+def _high_offset(numel: int, width: int) -> int:
+    """Where the high bytes of a width-16 stream of ``numel`` codes start (``pack_bits``: after
+    the low bytes, padded to a whole group of 8 codes); 0 at other widths."""
+    return -(-numel // 8) * 8 if width == 16 else 0
+
+
 def _stream(numel: int, width: int) -> Tuple[Tensor, int]:
     """An uninitialised packed stream for ``numel`` codes at ``width`` with its padding bytes
     (after the last group of 8 codes; at width 16 after each of its two byte streams) zeroed,
-    and the offset of the high-byte stream (width 16; 0 otherwise)."""
-    nbytes = -(-numel // 8) * width
-    codes = torch.empty(nbytes, dtype=torch.uint8)
-    if width == 16:
-        half = nbytes // 2
-        codes[numel:half] = 0
-        codes[half + numel:] = 0
-        return codes, half
-    codes[numel * width // 8:] = 0
-    return codes, 0
+    and :func:`_high_offset`."""
+    codes = torch.empty(-(-numel // 8) * width, dtype=torch.uint8)
+    hoff = _high_offset(numel, width)
+    if hoff:
+        codes[numel:hoff] = 0
+        codes[hoff + numel:] = 0
+    else:
+        codes[numel * width // 8:] = 0
+    return codes, hoff
 
 
 def supports_pack(shape: torch.Size, width: int) -> bool:
@@ -263,7 +268,7 @@ def bfp_unpack(codes: Tensor, exps: Tensor, shape: torch.Size, width: int, block
         c8 = torch.empty(numel, dtype=torch.uint8)
         _lib.dsq_codes_split(codes.data_ptr(), c8.data_ptr(), numel, width, threads)
         codes = c8
-    hoff = -(-numel // 8) * 8 if width == 16 else 0
+    hoff = _high_offset(numel, width)
     _lib.dsq_bfp_unpack(codes.data_ptr(), exps.data_ptr(), out.data_ptr(), p, n, q, block_size,
                         width, width if direct else 8, hoff, threads)
     return out
