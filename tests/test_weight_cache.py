@@ -42,6 +42,28 @@ def test_reused_within_an_update_and_invalidated_by_any_change():
     assert weight_cache.stats(rt)["hits"] == hits
 
 
+def test_a_new_token_writes_the_new_values_over_the_old_storage():
+    rt = make_runtime()
+    w = torch.nn.Parameter(torch.randn(8, 32))
+    other = torch.nn.Parameter(torch.randn(16, 32))
+    weight_cache.begin(rt, ("train", 0))
+    q0 = weight_cache.quantize_weight(rt, w, 4, -1)
+    q_other = weight_cache.quantize_weight(rt, other, 4, -1)
+    ptr = q0.data_ptr()
+    w.data.mul_(3)  # an optimizer step
+    weight_cache.begin(rt, ("train", 1))
+    q1 = weight_cache.quantize_weight(rt, w, 4, -1)
+    assert q1.data_ptr() == ptr  # the previous update's buffer, now holding the new values
+    assert torch.equal(q1, rt.scheme.quantize(w.detach(), 4, dim=-1, is_weight=True))
+    assert weight_cache.quantize_weight(rt, w, 8, -1).data_ptr() != ptr  # another entry
+    # a weight not quantized under the new token keeps its buffer only until the next token
+    assert q_other.data_ptr() == weight_cache._cache(rt).stale[id(other)][1].data_ptr()
+    weight_cache.begin(rt, ("train", 2))
+    assert id(other) not in weight_cache._cache(rt).stale
+    weight_cache.begin(rt, None)  # caching off: nothing kept
+    assert not weight_cache._cache(rt).stale and not weight_cache._cache(rt).entries
+
+
 def test_stochastic_rounding_is_not_cached():
     rt = make_runtime("stochastic")
     weight_cache.begin(rt, ("train", 0))

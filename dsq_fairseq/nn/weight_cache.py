@@ -16,8 +16,13 @@ Validity. An entry is reused only if all of these are unchanged since it was sto
   parameter, ``load_state_dict``) and ``data_ptr`` (storage swapped);
 * the width, dim, scheme, dtype and device.
 
-A new token drops every entry, so the cache never holds more than one quantized copy of each
-weight (at most the model's weight memory again, in the weights' dtype).
+A new token invalidates every entry, so the cache never holds more than one quantized copy of
+each weight (at most the model's weight memory again, in the weights' dtype). The invalidated
+tensors are kept until their weight is quantized again and then written over (same shape, dtype
+and device): the cache's memory stays where the first update put it instead of ~one model's
+weights of fresh tensors per update landing between that step's activations (measured in-process,
+3 DSQ passes: glibc heap 3.53 -> 3.34 GB, page faults 1.02M -> 0.97M). A tensor this module
+returned is therefore valid only until the token changes, which is how its callers use it.
 
 Stochastic rounding is never cached: every quantization draws fresh random numbers from the
 runtime's generator, and caching would change both which numbers later GEMMs draw and the
@@ -41,6 +46,10 @@ class _Cache:
     def __init__(self) -> None:
         self.token: Optional[Hashable] = None
         self.entries: Dict[int, Tuple[Any, ...]] = {}
+        # the previous token's Q0(W) tensors by weight: their storage is written over when the
+        # weight is next quantized (same shape and dtype), so each update does not scatter a
+        # fresh weight-sized tensor per weight across the heap between the step's activations
+        self.stale: Dict[int, Tuple[Any, torch.Tensor]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -63,6 +72,10 @@ def begin(runtime: Any, update_token: Optional[Hashable]) -> None:
     """
     cache = _cache(runtime)
     if update_token != cache.token or update_token is None:
+        if update_token is None:
+            cache.stale.clear()
+        else:
+            cache.stale = {k: (e[0], e[2]) for k, e in cache.entries.items()}
         cache.entries.clear()
         cache.token = update_token
 
@@ -105,5 +118,9 @@ def quantize_weight(
     cache.misses += 1
     q = compute()
     if q is not weight:  # width 32 / format none: nothing to keep
+        old = cache.stale.pop(id(weight), None)
+        if (old is not None and old[0]() is weight and old[1].shape == q.shape
+                and old[1].dtype == q.dtype and old[1].device == q.device):
+            q = old[1].copy_(q)  # its previous value: nobody reads it once the token moved on
         cache.entries[id(weight)] = (weakref.ref(weight), key, q)
     return q
