@@ -61,14 +61,14 @@ class _Dropout1Bit(torch.autograd.Function):
             bits = pack_mask(mask)
         else:  # at::native::_dropout_impl, op for op
             noise = torch.empty_like(x).bernoulli_(1 - p)
-            if native.available(noise) and x.is_contiguous():
-                bits = native.mask_pack(noise, native.MASK_NONZERO)  # the bits of noise != 0
+            kernels = native.available(noise)
+            bits = (native.mask_pack(noise, native.MASK_NONZERO) if kernels
+                    else pack_mask(noise != 0))  # the bits of noise != 0
+            if kernels and x.is_contiguous():
                 # x * (noise / (1 - p)) in one pass from the bits: noise is 0 or 1, and
                 # 1 / (1 - p) is torch's own division (as in backward), so the same products
                 y = native.mask_apply(bits, x, native.MASK_NONZERO, _keep_scale(x, p))
             else:
-                bits = (native.mask_pack(noise, native.MASK_NONZERO) if native.available(noise)
-                        else pack_mask(noise != 0))
                 noise.div_(1 - p)
                 y = x * noise
         ctx.save_for_backward(bits)
