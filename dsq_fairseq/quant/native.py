@@ -1,6 +1,5 @@
-"""Native CPU kernels (``native_kernels.c``, AVX-512): BFP quantize (round to nearest or
-stochastic, the random stream computed in registers), pack,
-unpack; 1-bit dropout / ReLU masks.
+"""Native CPU kernels (``native_kernels.c``): BFP quantize (round to nearest or stochastic, the
+random stream computed in registers), pack, unpack; 1-bit dropout / ReLU masks.
 
 Why: on CPU the inductor kernels of :mod:`.fast` split BFP into a reduction and an elementwise
 pass (the per-block exponent arithmetic did not vectorize when fused), reduce rows of 16 with one
@@ -10,19 +9,24 @@ contiguous blocks with one transposing max tree, and are called through :mod:`ct
 Measured on 2 cores (AVX-512): ``4096x4096`` BFP4 along the last dim 31 -> 18 ms, along dim 0
 25 -> 19 ms (``torch.clone``: 16-17 ms).
 
+Instruction sets: the kernels are written once against the 16-lane layer of ``native_simd.h``,
+which is AVX-512 (F/BW/VL/DQ) itself or AVX2 with two 256-bit halves per vector; the build takes
+the wider one the CPU has (:func:`isa`). ``DSQ_NATIVE_ISA=avx2`` builds the AVX2 kernels on an
+AVX-512 CPU (to test or compare them).
+
 Bits: the kernels do the references' IEEE operations in the same order (multiplications by exact
 powers of two, round half to even, clamp, two multiplications back); NaN propagates through them as
 through the eager ops, ``inf`` and subnormals follow the references' rules
 (``tests/test_quant_native.py`` checks all of it against :func:`.bfp.bfp_quantize` and
-:func:`.packing.pack` bit for bit).
+:func:`.packing.pack` bit for bit, on whichever instruction set was built).
 
-Build: on first use, ``$CC`` (default ``cc``) ``-O3 -march=native -fopenmp -shared`` into
-``$DSQ_NATIVE_CACHE`` (default ``$XDG_CACHE_HOME/dsq_fairseq`` or ``~/.cache/dsq_fairseq``), one
-library per source, compiler, flags and CPU (its ``/proc/cpuinfo`` flags), written atomically;
-~0.3 s. No compiler, a failed build, a CPU without AVX-512 (F/BW/VL/DQ), ``DSQ_NATIVE=0`` or
-:func:`.fast.set_enabled(False)` leave :func:`available` false and the callers on the
-``torch.compile`` paths. Threads: ``torch.get_num_threads()`` (OpenMP, serial below 32768
-elements).
+Build: on first use, ``$CC`` (default ``cc``) ``-O3 -march=native -fopenmp -ffp-contract=off
+-shared`` into ``$DSQ_NATIVE_CACHE`` (default ``$XDG_CACHE_HOME/dsq_fairseq`` or
+``~/.cache/dsq_fairseq``), one library per source, header, compiler, flags and CPU (its
+``/proc/cpuinfo`` flags), written atomically; ~0.3 s. No compiler, a failed build, a CPU with
+neither AVX-512 nor AVX2, ``DSQ_NATIVE=0`` or :func:`.fast.set_enabled(False)` leave
+:func:`available` false and the callers on the ``torch.compile`` paths. Threads:
+``torch.get_num_threads()`` (OpenMP, serial below 32768 elements).
 """
 
 from __future__ import annotations
@@ -42,14 +46,20 @@ from torch import Tensor
 
 from ._blocks import pnq as _pnq
 
-__all__ = ["available", "available_for", "bfp_pack", "bfp_quantize", "bfp_unpack", "set_enabled",
+__all__ = ["available", "available_for", "bfp_pack", "bfp_quantize", "bfp_unpack", "isa",
+           "set_enabled",
            "bfp_pair", "mask_apply", "mask_pack", "supports_pack", "supports_pair", "uniform"]
 
 _SOURCE = Path(__file__).with_name("native_kernels.c")
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+_HEADERS = (Path(__file__).with_name("native_simd.h"),)
+# -ffp-contract=off: the AVX2 layer's products and sums are plain vector arithmetic, which GCC
+# would otherwise fuse into FMAs (one rounding instead of the reference's two)
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11",
+          "-ffp-contract=off")
 PACK_WIDTHS = (2, 4, 8, 16)
 _lib: Optional[ctypes.CDLL] = None
 _state = "unloaded"  # "unloaded" | "ready" | "unavailable"
+_isa: Optional[str] = None
 _enabled = os.environ.get("DSQ_NATIVE", "1").strip().lower() not in ("0", "false", "off", "")
 
 
@@ -71,11 +81,19 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def _flags() -> Tuple[str, ...]:
+    """The compiler flags: :data:`_FLAGS`, plus ``-mno-avx512f`` under ``DSQ_NATIVE_ISA=avx2``
+    (the AVX2 kernels on an AVX-512 CPU, to test or compare them)."""
+    isa = os.environ.get("DSQ_NATIVE_ISA", "").strip().lower()
+    return _FLAGS + (("-mno-avx512f",) if isa == "avx2" else ())
+
+
 def _build() -> Path:
     cc = os.environ.get("CC", "cc")
-    source = _SOURCE.read_bytes()
+    sources = [_SOURCE.read_bytes(), *(h.read_bytes() for h in _HEADERS)]
+    flags = _flags()
     digest = hashlib.sha256(
-        b"\0".join([source, cc.encode(), " ".join(_FLAGS).encode(), _cpu_flags().encode(),
+        b"\0".join([*sources, cc.encode(), " ".join(flags).encode(), _cpu_flags().encode(),
                     platform.machine().encode()])
     ).hexdigest()[:16]
     target = _cache_dir() / f"native_kernels-{digest}.so"
@@ -85,7 +103,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE)], check=True,
+        subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE)], check=True,
                        capture_output=True, text=True, timeout=120)
         os.replace(tmp, target)  # atomic: concurrent builders (test workers) never see half a file
     finally:
@@ -95,7 +113,7 @@ def _build() -> Path:
 
 
 def _load() -> Optional[ctypes.CDLL]:
-    global _lib, _state
+    global _lib, _state, _isa
     if _state == "unloaded":
         _state = "unavailable"
         try:
@@ -105,8 +123,10 @@ def _load() -> Optional[ctypes.CDLL]:
             warnings.warn(f"dsq native CPU kernels unavailable ({detail}); using the "
                           "torch.compile paths", RuntimeWarning, stacklevel=3)
             return None
-        if not lib.dsq_native_vectorized():
-            return None  # no AVX-512 on this CPU: the compiled paths are the fast ones
+        width = lib.dsq_native_vectorized()
+        if not width:
+            return None  # no AVX-512 / AVX2 on this CPU: the compiled paths are the fast ones
+        _isa = "avx512" if width == 512 else "avx2"
         i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
         lib.dsq_bfp_quantize.argtypes = [ptr, ptr, i64, i64, i64, i64, i32, f32, i32, i32]
         lib.dsq_bfp_quantize.restype = None
@@ -139,6 +159,12 @@ def set_enabled(flag: bool) -> None:
     """Turn the native kernels on or off for this process (overrides ``DSQ_NATIVE``)."""
     global _enabled
     _enabled = bool(flag)
+
+
+def isa() -> Optional[str]:
+    """The instruction set the kernels run on: ``"avx512"`` or ``"avx2"`` (built on the first
+    call that asks), ``None`` where they are unavailable."""
+    return _isa if _load() is not None else None
 
 
 def available_for(t: Tensor) -> bool:

@@ -1,28 +1,29 @@
-/* Native CPU kernels (AVX-512): BFP quantize (round to nearest or stochastic), pack and
- * unpack; 1-bit masks.
+/* Native CPU kernels (AVX-512 or AVX2, native_simd.h): BFP quantize (round to nearest or
+ * stochastic), pack and unpack; 1-bit masks.
  *
- * Loaded by dsq_fairseq/quant/native.py (built with -O3 -march=native -fopenmp, no -ffast-math:
- * IEEE semantics, no flush-to-zero). Every kernel performs the reference's IEEE operations in the
- * reference's order on every element (dsq_fairseq/quant/bfp.py, packing.py), so the results are
+ * Loaded by dsq_fairseq/quant/native.py (built with -O3 -march=native -fopenmp
+ * -ffp-contract=off, no -ffast-math: IEEE semantics, no fused multiply-adds, no flush-to-zero).
+ * Every kernel performs the reference's IEEE operations in the reference's order on every element (dsq_fairseq/quant/bfp.py, packing.py), so the results are
  * bit-identical; tests/test_quant_native.py checks them against the references.
  *
  * Layout: x is [P, n, Q] (row-major, contiguous), blocks of B consecutive elements along n (a
  * short tail block where B does not divide n). Q == 1: blocks are contiguous ("rows"); Q > 1:
  * a block is B rows of Q lanes ("cols"), one shared exponent per lane.
  *
- * Without AVX-512 the file compiles to dsq_native_vectorized() == 0 only, and Python keeps the
- * torch.compile paths.
+ * Vectors: 16 lanes of the native_simd.h layer (one zmm register with AVX-512, two ymm with
+ * AVX2; the same bits either way). Without either, the file compiles to
+ * dsq_native_vectorized() == 0 only, and Python keeps the torch.compile paths.
  */
 #include <stdint.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
-    defined(__AVX512DQ__)
-#include <immintrin.h>
+#include "native_simd.h"
 
-int dsq_native_vectorized(void) { return 1; }
+#if DSQ_SIMD
+/* The vector width the kernels were built for: 512 (AVX-512) or 256 (AVX2). */
+int dsq_native_vectorized(void) { return DSQ_SIMD; }
 
-static inline __mmask16 lane_mask(int64_t len) {
-  return len >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << len) - 1u);
+static inline vmask lane_mask(int64_t len) {
+  return len >= 16 ? (vmask)0xFFFF : (vmask)((1u << len) - 1u);
 }
 
 /* Per lane, from a NaN-free block maximum amax >= 0: the shared exponent
@@ -40,66 +41,66 @@ static inline __mmask16 lane_mask(int64_t len) {
  * the same exact k_int * 2^-k once. Stochastic rounding keeps the halves: there a rounded-away
  * tiny y still differs where u == 0. */
 typedef struct {
-  __m512 up_a, up_b, down_a, down_b;
-  __m512 up, down; /* 2^k, 2^-k; meaningful where single */
-  __m512i e;
+  vf up_a, up_b, down_a, down_b;
+  vf up, down; /* 2^k, 2^-k; meaningful where single */
+  vi e;
   int single;
 } factors_t;
 
-static inline factors_t pow2_factors(__m512 amax, int wm2, int emax) {
+static inline factors_t pow2_factors(vf amax, int wm2, int emax) {
   factors_t f;
-  const __m512i bits = _mm512_castps_si512(amax);
-  __m512i e = _mm512_sub_epi32(_mm512_srai_epi32(bits, 23), _mm512_set1_epi32(127));
-  e = _mm512_max_epi32(_mm512_min_epi32(e, _mm512_set1_epi32(emax)), _mm512_set1_epi32(-emax));
-  e = _mm512_mask_mov_epi32(e, _mm512_cmpeq_epi32_mask(bits, _mm512_setzero_si512()),
-                            _mm512_setzero_si512());
-  const __m512i k = _mm512_sub_epi32(_mm512_set1_epi32(wm2), e);
-  const __m512i lo = _mm512_srai_epi32(k, 1);
-  const __m512i hi = _mm512_sub_epi32(k, lo);
-  const __m512i bias = _mm512_set1_epi32(127);
-  f.up_a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(bias, lo), 23));
-  f.up_b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(bias, hi), 23));
-  f.down_a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(bias, lo), 23));
-  f.down_b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(bias, hi), 23));
-  const __m512i kc = _mm512_max_epi32(_mm512_min_epi32(k, _mm512_set1_epi32(126)),
-                                      _mm512_set1_epi32(-126));
-  f.up = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(bias, kc), 23));
-  f.down = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(bias, kc), 23));
-  f.single = _mm512_cmpeq_epi32_mask(kc, k) == (__mmask16)0xFFFF;
+  const vi bits = v_castps_si512(amax);
+  vi e = v_sub_epi32(v_srai_epi32(bits, 23), v_set1_epi32(127));
+  e = v_max_epi32(v_min_epi32(e, v_set1_epi32(emax)), v_set1_epi32(-emax));
+  e = v_mask_mov_epi32(e, v_cmpeq_epi32_mask(bits, v_setzero_si512()),
+                            v_setzero_si512());
+  const vi k = v_sub_epi32(v_set1_epi32(wm2), e);
+  const vi lo = v_srai_epi32(k, 1);
+  const vi hi = v_sub_epi32(k, lo);
+  const vi bias = v_set1_epi32(127);
+  f.up_a = v_castsi512_ps(v_slli_epi32(v_add_epi32(bias, lo), 23));
+  f.up_b = v_castsi512_ps(v_slli_epi32(v_add_epi32(bias, hi), 23));
+  f.down_a = v_castsi512_ps(v_slli_epi32(v_sub_epi32(bias, lo), 23));
+  f.down_b = v_castsi512_ps(v_slli_epi32(v_sub_epi32(bias, hi), 23));
+  const vi kc = v_max_epi32(v_min_epi32(k, v_set1_epi32(126)),
+                                      v_set1_epi32(-126));
+  f.up = v_castsi512_ps(v_slli_epi32(v_add_epi32(bias, kc), 23));
+  f.down = v_castsi512_ps(v_slli_epi32(v_sub_epi32(bias, kc), 23));
+  f.single = v_cmpeq_epi32_mask(kc, k) == (vmask)0xFFFF;
   f.e = e;
   return f;
 }
 
 /* Lane i of the result: factor vector lane i broadcast. */
-static inline __m512 lane(const float* v, int i) { return _mm512_set1_ps(v[i]); }
+static inline vf lane(const float* v, int i) { return v_set1_ps(v[i]); }
 
 /* y clamped to [-qmax, qmax]; NaN stays NaN (max/min return their second operand when either
  * is NaN, as torch.clamp propagates it). */
-static inline __m512 clamp_q(__m512 y, __m512 qmax) {
-  const __m512 nqmax = _mm512_sub_ps(_mm512_setzero_ps(), qmax);
-  return _mm512_min_ps(qmax, _mm512_max_ps(nqmax, y));
+static inline vf clamp_q(vf y, vf qmax) {
+  const vf nqmax = v_sub_ps(v_setzero_ps(), qmax);
+  return v_min_ps(qmax, v_max_ps(nqmax, y));
 }
 
 /* round-to-nearest-even(x * up_a * up_b) clamped to [-qmax, qmax]. */
-static inline __m512 scaled_int(__m512 x, __m512 up_a, __m512 up_b, __m512 qmax) {
-  const __m512 y = _mm512_mul_ps(_mm512_mul_ps(x, up_a), up_b);
-  return clamp_q(_mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), qmax);
+static inline vf scaled_int(vf x, vf up_a, vf up_b, vf qmax) {
+  const vf y = v_mul_ps(v_mul_ps(x, up_a), up_b);
+  return clamp_q(v_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), qmax);
 }
 
-static inline __m512 quantize(__m512 x, __m512 up_a, __m512 up_b, __m512 down_a, __m512 down_b,
-                              __m512 qmax) {
-  return _mm512_mul_ps(_mm512_mul_ps(scaled_int(x, up_a, up_b, qmax), down_a), down_b);
+static inline vf quantize(vf x, vf up_a, vf up_b, vf down_a, vf down_b,
+                              vf qmax) {
+  return v_mul_ps(v_mul_ps(scaled_int(x, up_a, up_b, qmax), down_a), down_b);
 }
 
 /* The one-step forms (factors_t.single): scaled_int and quantize with up = 2^k, down = 2^-k. */
-static inline __m512 scaled_int1(__m512 x, __m512 up, __m512 qmax) {
+static inline vf scaled_int1(vf x, vf up, vf qmax) {
   return clamp_q(
-      _mm512_roundscale_ps(_mm512_mul_ps(x, up), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+      v_roundscale_ps(v_mul_ps(x, up), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
       qmax);
 }
 
-static inline __m512 quantize1(__m512 x, __m512 up, __m512 down, __m512 qmax) {
-  return _mm512_mul_ps(scaled_int1(x, up, qmax), down);
+static inline vf quantize1(vf x, vf up, vf down, vf qmax) {
+  return v_mul_ps(scaled_int1(x, up, qmax), down);
 }
 
 /* Stochastic rounding (dsq_fairseq/quant/rounding.py): the stream key (k0, k1); u of element i
@@ -108,89 +109,89 @@ typedef struct {
   uint32_t k0, k1;
 } rng_t;
 
-static inline __m512i mix32(__m512i h) {
-  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7feb352d));
-  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
-  h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int)0x846ca68bu));
-  return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+static inline vi mix32(vi h) {
+  h = v_xor_si512(h, v_srli_epi32(h, 16));
+  h = v_mullo_epi32(h, v_set1_epi32(0x7feb352d));
+  h = v_xor_si512(h, v_srli_epi32(h, 15));
+  h = v_mullo_epi32(h, v_set1_epi32((int)0x846ca68bu));
+  return v_xor_si512(h, v_srli_epi32(h, 16));
 }
 
 /* u of the 16 consecutive indices i0 .. i0 + 15 (lane j: i0 + j; a carry into the high word
  * where the low word wraps). */
-static inline __m512 uniform16(const rng_t* r, int64_t i0) {
-  const __m512i lo0 = _mm512_set1_epi32((int)(uint32_t)i0);
-  const __m512i lo = _mm512_add_epi32(
-      lo0, _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  __m512i hi = _mm512_set1_epi32((int)(uint32_t)((uint64_t)i0 >> 32));
-  hi = _mm512_mask_add_epi32(hi, _mm512_cmplt_epu32_mask(lo, lo0), hi, _mm512_set1_epi32(1));
-  __m512i h = mix32(_mm512_xor_si512(lo, _mm512_set1_epi32((int)r->k0)));
-  h = mix32(_mm512_xor_si512(h, _mm512_xor_si512(hi, _mm512_set1_epi32((int)r->k1))));
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(0x1p-24f));
+static inline vf uniform16(const rng_t* r, int64_t i0) {
+  const vi lo0 = v_set1_epi32((int)(uint32_t)i0);
+  const vi lo = v_add_epi32(
+      lo0, v_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  vi hi = v_set1_epi32((int)(uint32_t)((uint64_t)i0 >> 32));
+  hi = v_mask_add_epi32(hi, v_cmplt_epu32_mask(lo, lo0), hi, v_set1_epi32(1));
+  vi h = mix32(v_xor_si512(lo, v_set1_epi32((int)r->k0)));
+  h = mix32(v_xor_si512(h, v_xor_si512(hi, v_set1_epi32((int)r->k1))));
+  return v_mul_ps(v_cvtepi32_ps(v_srli_epi32(h, 8)), v_set1_ps(0x1p-24f));
 }
 
 /* quantize() with stochastic rounding: floor(y) + (u < y - floor(y) ? 1 : 0), the addition done
  * unconditionally as the reference does it (so -0 becomes +0 there too). */
-static inline __m512 quantize_sr(__m512 x, __m512 up_a, __m512 up_b, __m512 down_a,
-                                 __m512 down_b, __m512 qmax, __m512 u) {
-  const __m512 y = _mm512_mul_ps(_mm512_mul_ps(x, up_a), up_b);
-  const __m512 lo = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __mmask16 up = _mm512_cmp_ps_mask(u, _mm512_sub_ps(y, lo), _CMP_LT_OQ);
-  __m512 k = _mm512_add_ps(lo, _mm512_maskz_mov_ps(up, _mm512_set1_ps(1.0f)));
-  const __m512 nqmax = _mm512_sub_ps(_mm512_setzero_ps(), qmax);
-  k = _mm512_min_ps(qmax, _mm512_max_ps(nqmax, k));
-  return _mm512_mul_ps(_mm512_mul_ps(k, down_a), down_b);
+static inline vf quantize_sr(vf x, vf up_a, vf up_b, vf down_a,
+                                 vf down_b, vf qmax, vf u) {
+  const vf y = v_mul_ps(v_mul_ps(x, up_a), up_b);
+  const vf lo = v_roundscale_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const vmask up = v_cmp_ps_mask(u, v_sub_ps(y, lo), _CMP_LT_OQ);
+  vf k = v_add_ps(lo, v_maskz_mov_ps(up, v_set1_ps(1.0f)));
+  const vf nqmax = v_sub_ps(v_setzero_ps(), qmax);
+  k = v_min_ps(qmax, v_max_ps(nqmax, k));
+  return v_mul_ps(v_mul_ps(k, down_a), down_b);
 }
 
 /* quantize() (r == 0) or quantize_sr() with the u of flat indices idx .. idx + 15. */
-static inline __m512 quantize_at(__m512 x, __m512 up_a, __m512 up_b, __m512 down_a,
-                                 __m512 down_b, __m512 qmax, const rng_t* r, int64_t idx) {
+static inline vf quantize_at(vf x, vf up_a, vf up_b, vf down_a,
+                                 vf down_b, vf qmax, const rng_t* r, int64_t idx) {
   if (r) return quantize_sr(x, up_a, up_b, down_a, down_b, qmax, uniform16(r, idx));
   return quantize(x, up_a, up_b, down_a, down_b, qmax);
 }
 
 /* NaN-free |x| (NaN -> 0: max returns its second operand for a NaN first one). */
-static inline __m512 mag(__m512 v) { return _mm512_max_ps(_mm512_abs_ps(v), _mm512_setzero_ps()); }
+static inline vf mag(vf v) { return v_max_ps(v_abs_ps(v), v_setzero_ps()); }
 
 /* Lanes that hold NaN or +-inf. */
-static inline __mmask16 nonfinite(__m512 v) {
-  return _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(3.40282347e38f), _CMP_NLE_UQ);
+static inline vmask nonfinite(vf v) {
+  return v_cmp_ps_mask(v_abs_ps(v), v_set1_ps(3.40282347e38f), _CMP_NLE_UQ);
 }
 
 /* 16 vectors v[i]: lane i of the result = NaN-free max |v[i]| (a transposing max tree). */
-static inline __m512 max16x16v(const __m512* v) {
-  __m512 a[8], b[4], c[2];
+static inline vf max16x16v(const vf* v) {
+  vf a[8], b[4], c[2];
   for (int i = 0; i < 8; ++i) {
-    const __m512 v0 = mag(v[2 * i]), v1 = mag(v[2 * i + 1]);
-    a[i] = _mm512_max_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));
+    const vf v0 = mag(v[2 * i]), v1 = mag(v[2 * i + 1]);
+    a[i] = v_max_ps(v_unpacklo_ps(v0, v1), v_unpackhi_ps(v0, v1));
   }
   for (int i = 0; i < 4; ++i)
-    b[i] = _mm512_max_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
-                         _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+    b[i] = v_max_ps(v_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                         v_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
   for (int i = 0; i < 2; ++i)
-    c[i] = _mm512_max_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
-  return _mm512_max_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
-                       _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+    c[i] = v_max_ps(v_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         v_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  return v_max_ps(v_shuffle_f32x4(c[0], c[1], 0x88),
+                       v_shuffle_f32x4(c[0], c[1], 0xDD));
 }
 
 /* 16 blocks of 16 contiguous floats at xb: lane i = NaN-free max |x| of block i. */
-static inline __m512 max16x16(const float* xb) {
-  __m512 v[16];
-  for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_ps(xb + 16 * i);
+static inline vf max16x16(const float* xb) {
+  vf v[16];
+  for (int i = 0; i < 16; ++i) v[i] = v_loadu_ps(xb + 16 * i);
   return max16x16v(v);
 }
 
 /* NaN-free max |x| over `len` contiguous floats (as a broadcast vector), and whether any
  * is NaN/inf (*bad). */
-static inline __m512 block_max(const float* xb, int64_t len, int* bad) {
-  __m512 acc = _mm512_setzero_ps();
+static inline vf block_max(const float* xb, int64_t len, int* bad) {
+  vf acc = v_setzero_ps();
   for (int64_t c = 0; c < len; c += 16) {
-    const __m512 v = _mm512_maskz_loadu_ps(lane_mask(len - c), xb + c);
+    const vf v = v_maskz_loadu_ps(lane_mask(len - c), xb + c);
     if (bad) *bad |= nonfinite(v) != 0;
-    acc = _mm512_max_ps(mag(v), acc);
+    acc = v_max_ps(mag(v), acc);
   }
-  return _mm512_set1_ps(_mm512_reduce_max_ps(acc));
+  return v_set1_ps(v_reduce_max_ps(acc));
 }
 
 typedef struct {
@@ -198,12 +199,12 @@ typedef struct {
 } lanes_t;
 
 static inline void store_factors(const factors_t* f, lanes_t* l) {
-  _mm512_storeu_ps(l->up, f->up);
-  _mm512_storeu_ps(l->down, f->down);
-  _mm512_storeu_ps(l->up_a, f->up_a);
-  _mm512_storeu_ps(l->up_b, f->up_b);
-  _mm512_storeu_ps(l->down_a, f->down_a);
-  _mm512_storeu_ps(l->down_b, f->down_b);
+  v_storeu_ps(l->up, f->up);
+  v_storeu_ps(l->down, f->down);
+  v_storeu_ps(l->up_a, f->up_a);
+  v_storeu_ps(l->up_b, f->up_b);
+  v_storeu_ps(l->down_a, f->down_a);
+  v_storeu_ps(l->down_b, f->down_b);
 }
 
 #define PAR_MIN 32768 /* elements below which a kernel runs on one thread */
@@ -214,7 +215,7 @@ static inline void store_factors(const factors_t* f, lanes_t* l) {
 static void quantize_rows16(const float* x, float* out, int64_t nblocks, int wm2, float qmaxf,
                             int emax, const rng_t* r, int nthreads) {
   const int64_t ntiles = nblocks / 16;
-  const __m512 qmax = _mm512_set1_ps(qmaxf);
+  const vf qmax = v_set1_ps(qmaxf);
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (ntiles * 256 > PAR_MIN)
   for (int64_t t = 0; t < ntiles; ++t) {
     const float* xb = x + t * 256;
@@ -224,19 +225,19 @@ static void quantize_rows16(const float* x, float* out, int64_t nblocks, int wm2
     store_factors(&f, &l);
     if (f.single && !r) {
       for (int i = 0; i < 16; ++i)
-        _mm512_storeu_ps(ob + 16 * i, quantize1(_mm512_loadu_ps(xb + 16 * i), lane(l.up, i),
+        v_storeu_ps(ob + 16 * i, quantize1(v_loadu_ps(xb + 16 * i), lane(l.up, i),
                                                 lane(l.down, i), qmax));
       continue;
     }
     for (int i = 0; i < 16; ++i)
-      _mm512_storeu_ps(ob + 16 * i,
-                       quantize_at(_mm512_loadu_ps(xb + 16 * i), lane(l.up_a, i), lane(l.up_b, i),
+      v_storeu_ps(ob + 16 * i,
+                       quantize_at(v_loadu_ps(xb + 16 * i), lane(l.up_a, i), lane(l.up_b, i),
                                    lane(l.down_a, i), lane(l.down_b, i), qmax, r,
                                    t * 256 + 16 * i));
   }
   for (int64_t b = ntiles * 16; b < nblocks; ++b) {
     const factors_t f = pow2_factors(block_max(x + 16 * b, 16, 0), wm2, emax);
-    _mm512_storeu_ps(out + 16 * b, quantize_at(_mm512_loadu_ps(x + 16 * b), f.up_a, f.up_b,
+    v_storeu_ps(out + 16 * b, quantize_at(v_loadu_ps(x + 16 * b), f.up_a, f.up_b,
                                                f.down_a, f.down_b, qmax, r, 16 * b));
   }
 }
@@ -244,7 +245,7 @@ static void quantize_rows16(const float* x, float* out, int64_t nblocks, int wm2
 static void quantize_rows(const float* x, float* out, int64_t P, int64_t n, int64_t B, int wm2,
                           float qmaxf, int emax, const rng_t* r, int nthreads) {
   const int64_t nb = (n + B - 1) / B;
-  const __m512 qmax = _mm512_set1_ps(qmaxf);
+  const vf qmax = v_set1_ps(qmaxf);
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (P * n > PAR_MIN)
   for (int64_t t = 0; t < P * nb; ++t) {
     const int64_t p = t / nb, s = (t - p * nb) * B;
@@ -253,8 +254,8 @@ static void quantize_rows(const float* x, float* out, int64_t P, int64_t n, int6
     float* ob = out + p * n + s;
     const factors_t f = pow2_factors(block_max(xb, len, 0), wm2, emax);
     for (int64_t c = 0; c < len; c += 16) {
-      const __mmask16 m = lane_mask(len - c);
-      _mm512_mask_storeu_ps(ob + c, m, quantize_at(_mm512_maskz_loadu_ps(m, xb + c), f.up_a,
+      const vmask m = lane_mask(len - c);
+      v_mask_storeu_ps(ob + c, m, quantize_at(v_maskz_loadu_ps(m, xb + c), f.up_a,
                                                    f.up_b, f.down_a, f.down_b, qmax, r,
                                                    p * n + s + c));
     }
@@ -264,7 +265,7 @@ static void quantize_rows(const float* x, float* out, int64_t P, int64_t n, int6
 static void quantize_cols(const float* x, float* out, int64_t P, int64_t n, int64_t Q, int64_t B,
                           int wm2, float qmaxf, int emax, const rng_t* r, int nthreads) {
   const int64_t nb = (n + B - 1) / B;
-  const __m512 qmax = _mm512_set1_ps(qmaxf);
+  const vf qmax = v_set1_ps(qmaxf);
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (P * n * Q > PAR_MIN)
   for (int64_t t = 0; t < P * nb; ++t) {
     const int64_t p = t / nb, s = (t - p * nb) * B;
@@ -272,21 +273,21 @@ static void quantize_cols(const float* x, float* out, int64_t P, int64_t n, int6
     const float* xb = x + (p * n + s) * Q;
     float* ob = out + (p * n + s) * Q;
     for (int64_t c = 0; c < Q; c += 16) {
-      const __mmask16 m = lane_mask(Q - c);
-      __m512 acc = _mm512_setzero_ps();
+      const vmask m = lane_mask(Q - c);
+      vf acc = v_setzero_ps();
       for (int64_t i = 0; i < len; ++i)
-        acc = _mm512_max_ps(mag(_mm512_maskz_loadu_ps(m, xb + i * Q + c)), acc);
+        acc = v_max_ps(mag(v_maskz_loadu_ps(m, xb + i * Q + c)), acc);
       const factors_t f = pow2_factors(acc, wm2, emax);
       if (f.single && !r) {
         for (int64_t i = 0; i < len; ++i)
-          _mm512_mask_storeu_ps(ob + i * Q + c, m,
-                                quantize1(_mm512_maskz_loadu_ps(m, xb + i * Q + c), f.up,
+          v_mask_storeu_ps(ob + i * Q + c, m,
+                                quantize1(v_maskz_loadu_ps(m, xb + i * Q + c), f.up,
                                           f.down, qmax));
         continue;
       }
       for (int64_t i = 0; i < len; ++i)
-        _mm512_mask_storeu_ps(ob + i * Q + c, m,
-                              quantize_at(_mm512_maskz_loadu_ps(m, xb + i * Q + c), f.up_a,
+        v_mask_storeu_ps(ob + i * Q + c, m,
+                              quantize_at(v_maskz_loadu_ps(m, xb + i * Q + c), f.up_a,
                                           f.up_b, f.down_a, f.down_b, qmax, r,
                                           (p * n + s + i) * Q + c));
     }
@@ -323,7 +324,7 @@ void dsq_uniform(float* out, int64_t n, uint32_t k0, uint32_t k1, int nthreads) 
   const rng_t r = {k0, k1};
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (n > PAR_MIN)
   for (int64_t i = 0; i < n; i += 16)
-    _mm512_mask_storeu_ps(out + i, lane_mask(n - i), uniform16(&r, i));
+    v_mask_storeu_ps(out + i, lane_mask(n - i), uniform16(&r, i));
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -344,7 +345,7 @@ static inline __m128i join_codes(__m128i c, int w) {
   r = _mm_or_si128(r, _mm_and_si128(_mm_srli_epi32(c, 6), _mm_set1_epi32(0x0C)));
   r = _mm_or_si128(r, _mm_and_si128(_mm_srli_epi32(c, 12), _mm_set1_epi32(0x30)));
   r = _mm_or_si128(r, _mm_and_si128(_mm_srli_epi32(c, 18), _mm_set1_epi32(0xC0)));
-  return _mm_cvtepi32_epi8(r);
+  return b_cvtepi32_epi8(r);
 }
 
 /* Inverse of join_codes: 16 / g bytes (low bytes of b) -> 16 one-byte codes. */
@@ -361,96 +362,96 @@ static inline __m128i split_codes(__m128i b, int w) {
   return _mm_unpacklo_epi16(_mm_unpacklo_epi8(c0, c1), _mm_unpacklo_epi8(c2, c3));
 }
 
-static inline __mmask16 byte_mask(int64_t ncodes, int w) { return lane_mask(ncodes * w / 8); }
+static inline vmask byte_mask(int64_t ncodes, int w) { return lane_mask(ncodes * w / 8); }
 
 /* The codes of up to 16 integers k = scaled_int(x) (ncodes, a multiple of 8 / w) stored at
  * stream position pos. */
-static inline void store_codes_k(uint8_t* codes, int64_t pos, int64_t ncodes, __m512 k, int w,
+static inline void store_codes_k(uint8_t* codes, int64_t pos, int64_t ncodes, vf k, int w,
                                  int wj, int64_t hoff) {
-  const __m512i mag_k = _mm512_abs_epi32(_mm512_cvtps_epi32(k));
-  const __m512i sign = _mm512_srli_epi32(_mm512_castps_si512(k), 31);
-  const __m512i c32 = _mm512_or_si512(mag_k, _mm512_slli_epi32(sign, w - 1));
+  const vi mag_k = v_abs_epi32(v_cvtps_epi32(k));
+  const vi sign = v_srli_epi32(v_castps_si512(k), 31);
+  const vi c32 = v_or_si512(mag_k, v_slli_epi32(sign, w - 1));
   if (wj == 16) {
-    const __mmask16 m = lane_mask(ncodes);
-    _mm_mask_storeu_epi8(codes + pos, m, _mm512_cvtepi32_epi8(c32));
-    _mm_mask_storeu_epi8(codes + hoff + pos, m, _mm512_cvtepi32_epi8(_mm512_srli_epi32(c32, 8)));
+    const vmask m = lane_mask(ncodes);
+    b_mask_storeu_epi8(codes + pos, m, v_cvtepi32_epi8(c32));
+    b_mask_storeu_epi8(codes + hoff + pos, m, v_cvtepi32_epi8(v_srli_epi32(c32, 8)));
     return;
   }
-  const __m128i c = _mm512_cvtepi32_epi8(c32);
-  _mm_mask_storeu_epi8(codes + pos * wj / 8, byte_mask(ncodes, wj), join_codes(c, wj));
+  const __m128i c = v_cvtepi32_epi8(c32);
+  b_mask_storeu_epi8(codes + pos * wj / 8, byte_mask(ncodes, wj), join_codes(c, wj));
 }
 
 /* The codes of up to 16 elements of x (scaled_int with the halves). */
-static inline void store_codes(uint8_t* codes, int64_t pos, int64_t ncodes, __m512 x,
-                               __m512 up_a, __m512 up_b, __m512 qmax, int w, int wj,
+static inline void store_codes(uint8_t* codes, int64_t pos, int64_t ncodes, vf x,
+                               vf up_a, vf up_b, vf qmax, int w, int wj,
                                int64_t hoff) {
   store_codes_k(codes, pos, ncodes, scaled_int(x, up_a, up_b, qmax), w, wj, hoff);
 }
 
 /* fp32 +-|k| * scale of up to 16 codes at stream position pos (ncodes a multiple of 8 / w). */
-static inline __m512 load_values(const uint8_t* codes, int64_t pos, int64_t ncodes, __m512 scale,
+static inline vf load_values(const uint8_t* codes, int64_t pos, int64_t ncodes, vf scale,
                                  int w, int wj, int64_t hoff) {
-  __m512i c;
+  vi c;
   if (wj == 16) {
-    const __mmask16 m = lane_mask(ncodes);
-    c = _mm512_or_si512(
-        _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, codes + pos)),
-        _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, codes + hoff + pos)), 8));
+    const vmask m = lane_mask(ncodes);
+    c = v_or_si512(
+        v_cvtepu8_epi32(b_maskz_loadu_epi8(m, codes + pos)),
+        v_slli_epi32(v_cvtepu8_epi32(b_maskz_loadu_epi8(m, codes + hoff + pos)), 8));
   } else {
-    const __m128i b = _mm_maskz_loadu_epi8(byte_mask(ncodes, wj), codes + pos * wj / 8);
-    c = _mm512_cvtepu8_epi32(split_codes(b, wj));
+    const __m128i b = b_maskz_loadu_epi8(byte_mask(ncodes, wj), codes + pos * wj / 8);
+    c = v_cvtepu8_epi32(split_codes(b, wj));
   }
-  const __m512 m = _mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32((1 << (w - 1)) - 1)));
-  const __mmask16 neg = _mm512_test_epi32_mask(c, _mm512_set1_epi32(1 << (w - 1)));
-  const __m512 v = _mm512_mask_xor_ps(m, neg, m, _mm512_set1_ps(-0.0f));
-  return _mm512_mul_ps(v, scale);
+  const vf m = v_cvtepi32_ps(v_and_si512(c, v_set1_epi32((1 << (w - 1)) - 1)));
+  const vmask neg = v_test_epi32_mask(c, v_set1_epi32(1 << (w - 1)));
+  const vf v = v_mask_xor_ps(m, neg, m, v_set1_ps(-0.0f));
+  return v_mul_ps(v, scale);
 }
 
 /* 2^(E - (w-2)) per lane of int8 exponents (packing._pow2: normal, or subnormal as
  * 2^(k+126) * 2^-126). */
-static inline __m512 pow2_scale(__m512i e, int wm2) {
-  const __m512i k = _mm512_sub_epi32(e, _mm512_set1_epi32(wm2));
-  const __m512i bias = _mm512_set1_epi32(127);
-  const __m512 normal = _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_add_epi32(_mm512_max_epi32(k, _mm512_set1_epi32(-126)), bias), 23));
-  const __m512 sub = _mm512_mul_ps(
-      _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_add_epi32(_mm512_max_epi32(k, _mm512_set1_epi32(-149)), _mm512_set1_epi32(253)),
+static inline vf pow2_scale(vi e, int wm2) {
+  const vi k = v_sub_epi32(e, v_set1_epi32(wm2));
+  const vi bias = v_set1_epi32(127);
+  const vf normal = v_castsi512_ps(
+      v_slli_epi32(v_add_epi32(v_max_epi32(k, v_set1_epi32(-126)), bias), 23));
+  const vf sub = v_mul_ps(
+      v_castsi512_ps(v_slli_epi32(
+          v_add_epi32(v_max_epi32(k, v_set1_epi32(-149)), v_set1_epi32(253)),
           23)),
-      _mm512_set1_ps(1.1754943508222875e-38f));
-  return _mm512_mask_blend_ps(_mm512_cmpge_epi32_mask(k, _mm512_set1_epi32(-126)), sub, normal);
+      v_set1_ps(1.1754943508222875e-38f));
+  return v_mask_blend_ps(v_cmpge_epi32_mask(k, v_set1_epi32(-126)), sub, normal);
 }
 
 static int pack_rows16(const float* x, uint8_t* codes, int8_t* exps, int64_t nblocks, int w,
                        int wj, int64_t hoff, float qmaxf, int emax, int nthreads) {
   const int64_t ntiles = nblocks / 16;
-  const __m512 qmax = _mm512_set1_ps(qmaxf);
+  const vf qmax = v_set1_ps(qmaxf);
   int bad = 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : bad) \
     if (ntiles * 256 > PAR_MIN)
   for (int64_t t = 0; t < ntiles; ++t) {
     const float* xb = x + t * 256;
-    __mmask16 nf = 0;
-    for (int i = 0; i < 16; ++i) nf |= nonfinite(_mm512_loadu_ps(xb + 16 * i));
+    vmask nf = 0;
+    for (int i = 0; i < 16; ++i) nf |= nonfinite(v_loadu_ps(xb + 16 * i));
     bad |= nf != 0;
     const factors_t f = pow2_factors(max16x16(xb), w - 2, emax);
-    _mm_storeu_si128((__m128i*)(exps + 16 * t), _mm512_cvtepi32_epi8(f.e));
+    _mm_storeu_si128((__m128i*)(exps + 16 * t), v_cvtepi32_epi8(f.e));
     lanes_t l;
     store_factors(&f, &l);
     if (f.single) {
       for (int i = 0; i < 16; ++i)
         store_codes_k(codes, t * 256 + 16 * i, 16,
-                      scaled_int1(_mm512_loadu_ps(xb + 16 * i), lane(l.up, i), qmax), w, wj, hoff);
+                      scaled_int1(v_loadu_ps(xb + 16 * i), lane(l.up, i), qmax), w, wj, hoff);
       continue;
     }
     for (int i = 0; i < 16; ++i)
-      store_codes(codes, t * 256 + 16 * i, 16, _mm512_loadu_ps(xb + 16 * i), lane(l.up_a, i),
+      store_codes(codes, t * 256 + 16 * i, 16, v_loadu_ps(xb + 16 * i), lane(l.up_a, i),
                   lane(l.up_b, i), qmax, w, wj, hoff);
   }
   for (int64_t b = ntiles * 16; b < nblocks; ++b) {
     const factors_t f = pow2_factors(block_max(x + 16 * b, 16, &bad), w - 2, emax);
-    exps[b] = (int8_t)_mm_cvtsi128_si32(_mm512_cvtepi32_epi8(f.e));
-    store_codes(codes, 16 * b, 16, _mm512_loadu_ps(x + 16 * b), f.up_a, f.up_b, qmax, w, wj,
+    exps[b] = (int8_t)_mm_cvtsi128_si32(v_cvtepi32_epi8(f.e));
+    store_codes(codes, 16 * b, 16, v_loadu_ps(x + 16 * b), f.up_a, f.up_b, qmax, w, wj,
                 hoff);
   }
   return !bad;
@@ -460,7 +461,7 @@ static int pack_rows(const float* x, uint8_t* codes, int8_t* exps, int64_t P, in
                      int64_t B, int w, int wj, int64_t hoff, float qmaxf, int emax,
                      int nthreads) {
   const int64_t nb = (n + B - 1) / B;
-  const __m512 qmax = _mm512_set1_ps(qmaxf);
+  const vf qmax = v_set1_ps(qmaxf);
   int bad = 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : bad) \
     if (P * n > PAR_MIN)
@@ -469,10 +470,10 @@ static int pack_rows(const float* x, uint8_t* codes, int8_t* exps, int64_t P, in
     const int64_t len = n - s < B ? n - s : B;
     const float* xb = x + p * n + s;
     const factors_t f = pow2_factors(block_max(xb, len, &bad), w - 2, emax);
-    exps[t] = (int8_t)_mm_cvtsi128_si32(_mm512_cvtepi32_epi8(f.e));
+    exps[t] = (int8_t)_mm_cvtsi128_si32(v_cvtepi32_epi8(f.e));
     for (int64_t c = 0; c < len; c += 16) {
       const int64_t r = len - c < 16 ? len - c : 16;
-      store_codes(codes, p * n + s + c, r, _mm512_maskz_loadu_ps(lane_mask(r), xb + c), f.up_a,
+      store_codes(codes, p * n + s + c, r, v_maskz_loadu_ps(lane_mask(r), xb + c), f.up_a,
                   f.up_b, qmax, w, wj, hoff);
     }
   }
@@ -483,7 +484,7 @@ static int pack_cols(const float* x, uint8_t* codes, int8_t* exps, int64_t P, in
                      int64_t B, int w, int wj, int64_t hoff, float qmaxf, int emax,
                      int nthreads) {
   const int64_t nb = (n + B - 1) / B;
-  const __m512 qmax = _mm512_set1_ps(qmaxf);
+  const vf qmax = v_set1_ps(qmaxf);
   int bad = 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : bad) \
     if (P * n * Q > PAR_MIN)
@@ -493,26 +494,26 @@ static int pack_cols(const float* x, uint8_t* codes, int8_t* exps, int64_t P, in
     const float* xb = x + (p * n + s) * Q;
     for (int64_t c = 0; c < Q; c += 16) {
       const int64_t r = Q - c < 16 ? Q - c : 16;
-      const __mmask16 m = lane_mask(r);
-      __m512 acc = _mm512_setzero_ps();
-      __mmask16 nf = 0;
+      const vmask m = lane_mask(r);
+      vf acc = v_setzero_ps();
+      vmask nf = 0;
       for (int64_t i = 0; i < len; ++i) {
-        const __m512 v = _mm512_maskz_loadu_ps(m, xb + i * Q + c);
+        const vf v = v_maskz_loadu_ps(m, xb + i * Q + c);
         nf |= nonfinite(v);
-        acc = _mm512_max_ps(mag(v), acc);
+        acc = v_max_ps(mag(v), acc);
       }
       bad |= nf != 0;
       const factors_t f = pow2_factors(acc, w - 2, emax);
-      _mm_mask_storeu_epi8(exps + t * Q + c, m, _mm512_cvtepi32_epi8(f.e));
+      b_mask_storeu_epi8(exps + t * Q + c, m, v_cvtepi32_epi8(f.e));
       if (f.single) {
         for (int64_t i = 0; i < len; ++i)
           store_codes_k(codes, (p * n + s + i) * Q + c, r,
-                        scaled_int1(_mm512_maskz_loadu_ps(m, xb + i * Q + c), f.up, qmax), w, wj,
+                        scaled_int1(v_maskz_loadu_ps(m, xb + i * Q + c), f.up, qmax), w, wj,
                         hoff);
         continue;
       }
       for (int64_t i = 0; i < len; ++i)
-        store_codes(codes, (p * n + s + i) * Q + c, r, _mm512_maskz_loadu_ps(m, xb + i * Q + c),
+        store_codes(codes, (p * n + s + i) * Q + c, r, v_maskz_loadu_ps(m, xb + i * Q + c),
                     f.up_a, f.up_b, qmax, w, wj, hoff);
     }
   }
@@ -545,12 +546,12 @@ void dsq_bfp_unpack(const uint8_t* codes, const int8_t* exps, float* out, int64_
       const int64_t len = n - s < B ? n - s : B;
       for (int64_t c = 0; c < Q; c += 16) {
         const int64_t r = Q - c < 16 ? Q - c : 16;
-        const __mmask16 m = lane_mask(r);
-        const __m512 scale = pow2_scale(
-            _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, exps + t * Q + c)), w - 2);
+        const vmask m = lane_mask(r);
+        const vf scale = pow2_scale(
+            v_cvtepi8_epi32(b_maskz_loadu_epi8(m, exps + t * Q + c)), w - 2);
         for (int64_t i = 0; i < len; ++i) {
           const int64_t pos = (p * n + s + i) * Q + c;
-          _mm512_mask_storeu_ps(out + pos, m, load_values(codes, pos, r, scale, w, wj, hoff));
+          v_mask_storeu_ps(out + pos, m, load_values(codes, pos, r, scale, w, wj, hoff));
         }
       }
     }
@@ -562,11 +563,11 @@ void dsq_bfp_unpack(const uint8_t* codes, const int8_t* exps, float* out, int64_
     for (int64_t t = 0; t < (nblocks + 15) / 16; ++t) {
       const int64_t nblk = t < ntiles ? 16 : nblocks - 16 * ntiles;
       float sc[16];
-      _mm512_storeu_ps(sc, pow2_scale(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(
+      v_storeu_ps(sc, pow2_scale(v_cvtepi8_epi32(b_maskz_loadu_epi8(
                                           lane_mask(nblk), exps + 16 * t)), w - 2));
       for (int64_t i = 0; i < nblk; ++i) {
         const int64_t pos = t * 256 + 16 * i;
-        _mm512_storeu_ps(out + pos, load_values(codes, pos, 16, lane(sc, (int)i), w, wj, hoff));
+        v_storeu_ps(out + pos, load_values(codes, pos, 16, lane(sc, (int)i), w, wj, hoff));
       }
     }
     return;
@@ -575,11 +576,11 @@ void dsq_bfp_unpack(const uint8_t* codes, const int8_t* exps, float* out, int64_
   for (int64_t t = 0; t < P * nb; ++t) {
     const int64_t p = t / nb, s = (t - p * nb) * B;
     const int64_t len = n - s < B ? n - s : B;
-    const __m512 scale = pow2_scale(_mm512_set1_epi32(exps[t]), w - 2);
+    const vf scale = pow2_scale(v_set1_epi32(exps[t]), w - 2);
     for (int64_t c = 0; c < len; c += 16) {
       const int64_t r = len - c < 16 ? len - c : 16;
       const int64_t pos = p * n + s + c;
-      _mm512_mask_storeu_ps(out + pos, lane_mask(r),
+      v_mask_storeu_ps(out + pos, lane_mask(r),
                             load_values(codes, pos, r, scale, w, wj, hoff));
     }
   }
@@ -592,9 +593,9 @@ void dsq_codes_join(const uint8_t* c8, uint8_t* out, int64_t n, int w, int nthre
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (n > PAR_MIN)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t r = n - 16 * c < 16 ? n - 16 * c : 16;
-    const __m128i codes = _mm_maskz_loadu_epi8(lane_mask(r), c8 + 16 * c);
+    const __m128i codes = b_maskz_loadu_epi8(lane_mask(r), c8 + 16 * c);
     const int64_t first = 16 * c * w / 8, avail = nbytes - first;
-    _mm_mask_storeu_epi8(out + first, lane_mask(avail < 2 * w ? avail : 2 * w),
+    b_mask_storeu_epi8(out + first, lane_mask(avail < 2 * w ? avail : 2 * w),
                          join_codes(codes, w));
   }
 }
@@ -605,8 +606,8 @@ void dsq_codes_split(const uint8_t* in, uint8_t* c8, int64_t n, int w, int nthre
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (n > PAR_MIN)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t r = n - 16 * c < 16 ? n - 16 * c : 16;
-    const __m128i b = _mm_maskz_loadu_epi8(byte_mask((r + 7) / 8 * 8, w), in + 16 * c * w / 8);
-    _mm_mask_storeu_epi8(c8 + 16 * c, lane_mask(r), split_codes(b, w));
+    const __m128i b = b_maskz_loadu_epi8(byte_mask((r + 7) / 8 * 8, w), in + 16 * c * w / 8);
+    b_mask_storeu_epi8(c8 + 16 * c, lane_mask(r), split_codes(b, w));
   }
 }
 
@@ -622,8 +623,8 @@ int dsq_bfp_pair(const float* x, float* out_r, float* out_c, uint8_t* codes_c, i
                  int64_t hoff, int64_t P, int64_t n, int64_t Q, int wr, int wc, int emax,
                  int nthreads) {
   const int64_t nb = (n + 15) / 16;
-  const __m512 qmax_r = _mm512_set1_ps((float)((1 << (wr - 1)) - 1));
-  const __m512 qmax_c = _mm512_set1_ps((float)((1 << (wc - 1)) - 1));
+  const vf qmax_r = v_set1_ps((float)((1 << (wr - 1)) - 1));
+  const vf qmax_c = v_set1_ps((float)((1 << (wc - 1)) - 1));
   int bad = 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : bad) \
     if (P * n * Q > PAR_MIN)
@@ -632,43 +633,43 @@ int dsq_bfp_pair(const float* x, float* out_r, float* out_c, uint8_t* codes_c, i
     const int64_t len = n - s < 16 ? n - s : 16;
     const float* xb = x + (p * n + s) * Q;
     for (int64_t c = 0; c < Q; c += 16) {
-      __m512 v[16];
-      __m512 acc = _mm512_setzero_ps();
+      vf v[16];
+      vf acc = v_setzero_ps();
       for (int i = 0; i < 16; ++i) {
-        v[i] = i < len ? _mm512_loadu_ps(xb + i * Q + c) : _mm512_setzero_ps();
-        acc = _mm512_max_ps(mag(v[i]), acc);
+        v[i] = i < len ? v_loadu_ps(xb + i * Q + c) : v_setzero_ps();
+        acc = v_max_ps(mag(v[i]), acc);
       }
       const factors_t fc = pow2_factors(acc, wc - 2, emax);
       const factors_t fr = pow2_factors(max16x16v(v), wr - 2, emax);
       lanes_t l;
       store_factors(&fr, &l);
       if (codes_c) {
-        __mmask16 nf = 0;
+        vmask nf = 0;
         for (int i = 0; i < 16; ++i) nf |= nonfinite(v[i]);
         bad |= nf != 0;
-        _mm_storeu_si128((__m128i*)(exps_c + t * Q + c), _mm512_cvtepi32_epi8(fc.e));
+        _mm_storeu_si128((__m128i*)(exps_c + t * Q + c), v_cvtepi32_epi8(fc.e));
       }
       if (fr.single && fc.single) {
         for (int64_t i = 0; i < len; ++i) {
           const int64_t pos = (p * n + s + i) * Q + c;
-          _mm512_storeu_ps(out_r + pos,
+          v_storeu_ps(out_r + pos,
                            quantize1(v[i], lane(l.up, (int)i), lane(l.down, (int)i), qmax_r));
           if (codes_c)
             store_codes_k(codes_c, pos, 16, scaled_int1(v[i], fc.up, qmax_c), wc, wc, hoff);
           else
-            _mm512_storeu_ps(out_c + pos, quantize1(v[i], fc.up, fc.down, qmax_c));
+            v_storeu_ps(out_c + pos, quantize1(v[i], fc.up, fc.down, qmax_c));
         }
         continue;
       }
       for (int64_t i = 0; i < len; ++i) {
         const int64_t pos = (p * n + s + i) * Q + c;
-        _mm512_storeu_ps(out_r + pos, quantize(v[i], lane(l.up_a, (int)i), lane(l.up_b, (int)i),
+        v_storeu_ps(out_r + pos, quantize(v[i], lane(l.up_a, (int)i), lane(l.up_b, (int)i),
                                                lane(l.down_a, (int)i), lane(l.down_b, (int)i),
                                                qmax_r));
         if (codes_c)
           store_codes(codes_c, pos, 16, v[i], fc.up_a, fc.up_b, qmax_c, wc, wc, hoff);
         else
-          _mm512_storeu_ps(out_c + pos,
+          v_storeu_ps(out_c + pos,
                            quantize(v[i], fc.up_a, fc.up_b, fc.down_a, fc.down_b, qmax_c));
       }
     }
@@ -686,10 +687,10 @@ void dsq_mask_pack(const float* x, uint8_t* bits, int64_t n, int mode, int nthre
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (n > PAR_MIN)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t r = n - 16 * c < 16 ? n - 16 * c : 16;
-    const __mmask16 m = lane_mask(r);
-    const __m512 v = _mm512_maskz_loadu_ps(m, x + 16 * c);
-    const __mmask16 b = m & (mode == 0 ? _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ)
-                                       : _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LE_OQ));
+    const vmask m = lane_mask(r);
+    const vf v = v_maskz_loadu_ps(m, x + 16 * c);
+    const vmask b = m & (mode == 0 ? v_cmp_ps_mask(v, v_setzero_ps(), _CMP_NEQ_UQ)
+                                       : v_cmp_ps_mask(v, v_setzero_ps(), _CMP_LE_OQ));
     bits[2 * c] = (uint8_t)(b & 0xFF);
     if (r > 8) bits[2 * c + 1] = (uint8_t)(b >> 8);
   }
@@ -701,16 +702,16 @@ void dsq_mask_pack(const float* x, uint8_t* bits, int64_t n, int mode, int nthre
 void dsq_mask_apply(const uint8_t* bits, const float* g, float* out, int64_t n, int mode,
                     float scale, int nthreads) {
   const int64_t nchunks = (n + 15) / 16;
-  const __m512 sc = _mm512_set1_ps(scale);
+  const vf sc = v_set1_ps(scale);
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (n > PAR_MIN)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t r = n - 16 * c < 16 ? n - 16 * c : 16;
-    const __mmask16 m = lane_mask(r);
-    const __mmask16 b = (__mmask16)(bits[2 * c] | (r > 8 ? bits[2 * c + 1] << 8 : 0));
-    const __m512 v = _mm512_maskz_loadu_ps(m, g + 16 * c);
-    const __m512 y = mode == 0 ? _mm512_mul_ps(v, _mm512_maskz_mov_ps(b, sc))
-                               : _mm512_mask_mov_ps(v, b, _mm512_setzero_ps());
-    _mm512_mask_storeu_ps(out + 16 * c, m, y);
+    const vmask m = lane_mask(r);
+    const vmask b = (vmask)(bits[2 * c] | (r > 8 ? bits[2 * c + 1] << 8 : 0));
+    const vf v = v_maskz_loadu_ps(m, g + 16 * c);
+    const vf y = mode == 0 ? v_mul_ps(v, v_maskz_mov_ps(b, sc))
+                               : v_mask_mov_ps(v, b, v_setzero_ps());
+    v_mask_storeu_ps(out + 16 * c, m, y);
   }
 }
 
