@@ -49,7 +49,6 @@ typedef __mmask16 vmask;
 #define v_mask_mov_epi32 _mm512_mask_mov_epi32
 #define v_mask_mov_ps _mm512_mask_mov_ps
 #define v_mask_storeu_ps _mm512_mask_storeu_ps
-#define v_mask_xor_ps _mm512_mask_xor_ps
 #define v_max_epi32 _mm512_max_epi32
 #define v_max_ps _mm512_max_ps
 #define v_maskz_loadu_ps _mm512_maskz_loadu_ps
@@ -74,7 +73,6 @@ typedef __mmask16 vmask;
 #define v_storeu_ps _mm512_storeu_ps
 #define v_sub_epi32 _mm512_sub_epi32
 #define v_sub_ps _mm512_sub_ps
-#define v_test_epi32_mask _mm512_test_epi32_mask
 #define v_unpackhi_ps _mm512_unpackhi_ps
 #define v_unpacklo_ps _mm512_unpacklo_ps
 #define v_xor_si512 _mm512_xor_si512
@@ -164,13 +162,11 @@ static inline vf v_abs_ps(vf a) {
   ((vf){_mm256_round_ps((a).l, (imm)), _mm256_round_ps((a).h, (imm))})
 #define v_shuffle_ps(a, b, imm) \
   ((vf){_mm256_shuffle_ps((a).l, (b).l, (imm)), _mm256_shuffle_ps((a).h, (b).h, (imm))})
-/* 128-bit lanes: 0x88 -> (a0, a2, b0, b2), 0xDD -> (a1, a3, b1, b3) */
+/* 128-bit lanes: 0x88 -> (a0, a2, b0, b2); 0xDD (the only other one used) -> (a1, a3, b1, b3) */
 static inline vf v_shuffle_f32x4(vf a, vf b, const int imm) {
-  const int sel = imm == 0x88 ? 0x20 : 0x31;
-  return (vf){sel == 0x20 ? _mm256_permute2f128_ps(a.l, a.h, 0x20)
-                          : _mm256_permute2f128_ps(a.l, a.h, 0x31),
-              sel == 0x20 ? _mm256_permute2f128_ps(b.l, b.h, 0x20)
-                          : _mm256_permute2f128_ps(b.l, b.h, 0x31)};
+  if (imm == 0x88)
+    return (vf){_mm256_permute2f128_ps(a.l, a.h, 0x20), _mm256_permute2f128_ps(b.l, b.h, 0x20)};
+  return (vf){_mm256_permute2f128_ps(a.l, a.h, 0x31), _mm256_permute2f128_ps(b.l, b.h, 0x31)};
 }
 static inline float v_reduce_max_ps(vf a) {
   __m256 m = _mm256_max_ps(a.l, a.h);
@@ -255,11 +251,6 @@ static inline vmask v_cmplt_epu32_mask(vi a, vi b) { /* unsigned a < b: signed a
   return bits_epi32_(_mm256_cmpgt_epi32(_mm256_xor_si256(b.l, f), _mm256_xor_si256(a.l, f)),
                      _mm256_cmpgt_epi32(_mm256_xor_si256(b.h, f), _mm256_xor_si256(a.h, f)));
 }
-static inline vmask v_test_epi32_mask(vi a, vi b) { /* (a & b) != 0 */
-  const __m256i z = _mm256_setzero_si256();
-  return (vmask)~bits_epi32_(_mm256_cmpeq_epi32(_mm256_and_si256(a.l, b.l), z),
-                             _mm256_cmpeq_epi32(_mm256_and_si256(a.h, b.h), z));
-}
 
 /* ---- masked moves: lane i from the second source where bit i is set ---- */
 static inline vf v_mask_mov_ps(vf src, vmask m, vf a) {
@@ -268,10 +259,6 @@ static inline vf v_mask_mov_ps(vf src, vmask m, vf a) {
 }
 static inline vf v_maskz_mov_ps(vmask m, vf a) { return v_mask_mov_ps(v_setzero_ps(), m, a); }
 static inline vf v_mask_blend_ps(vmask m, vf a, vf b) { return v_mask_mov_ps(a, m, b); }
-static inline vf v_mask_xor_ps(vf src, vmask m, vf a, vf b) {
-  const vf x = {_mm256_xor_ps(a.l, b.l), _mm256_xor_ps(a.h, b.h)};
-  return v_mask_mov_ps(src, m, x);
-}
 static inline vi v_mask_mov_epi32(vi src, vmask m, vi a) {
   return (vi){_mm256_blendv_epi8(src.l, a.l, mlo_(m)), _mm256_blendv_epi8(src.h, a.h, mhi_(m))};
 }
