@@ -566,6 +566,54 @@ int dsq_bfp_pack(const float* x, uint8_t* codes, int8_t* exps, int64_t P, int64_
   return pack_rows(x, codes, exps, P, n, B, w, wj, hoff, qmax, emax, nthreads);
 }
 
+/* CALL(w, wj) with compile-time constants for the common layouts (wj == w: 2, 4, 8, 16), else
+ * with the runtime values: inlined per-tile bodies then fold their code-layout branches. */
+#define DSQ_BY_LAYOUT(w, wj, CALL)                 \
+  do {                                             \
+    if ((w) == 4 && (wj) == 4)                     \
+      CALL(4, 4);                                  \
+    else if ((w) == 2 && (wj) == 2)                \
+      CALL(2, 2);                                  \
+    else if ((w) == 8 && (wj) == 8)                \
+      CALL(8, 8);                                  \
+    else if ((w) == 16)                            \
+      CALL(16, 16);                                \
+    else                                           \
+      CALL(w, wj);                                 \
+  } while (0)
+
+/* dsq_bfp_unpack's tiles: a column block t (rows row0 .. row0 + len, lanes c .. c + 15 of Q),
+ * and 16 row blocks of 16 from t * 256 (nblk of them). */
+DSQ_INLINE void unpack_cols_tile(const uint8_t* codes, const int8_t* exps, float* out,
+                                 int64_t row0, int64_t len, int64_t Q, int64_t c, int64_t t,
+                                 int w, int wj, int64_t hoff) {
+  const int64_t r = Q - c < 16 ? Q - c : 16;
+  const vmask m = lane_mask(r);
+  const vf scale = pow2_scale(v_cvtepi8_epi32(b_maskz_loadu_epi8(m, exps + t * Q + c)), w - 2);
+  if (r == 16) { /* whole vectors: constant byte counts, no masks */
+    for (int64_t i = 0; i < len; ++i) {
+      const int64_t pos = (row0 + i) * Q + c;
+      v_storeu_ps(out + pos, load_values(codes, pos, 16, scale, w, wj, hoff));
+    }
+    return;
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t pos = (row0 + i) * Q + c;
+    v_mask_storeu_ps(out + pos, m, load_values(codes, pos, r, scale, w, wj, hoff));
+  }
+}
+
+DSQ_INLINE void unpack_rows16_tile(const uint8_t* codes, const int8_t* exps, float* out,
+                                   int64_t t, int64_t nblk, int w, int wj, int64_t hoff) {
+  float sc[16];
+  v_storeu_ps(
+      sc, pow2_scale(v_cvtepi8_epi32(b_maskz_loadu_epi8(lane_mask(nblk), exps + 16 * t)), w - 2));
+  for (int64_t i = 0; i < nblk; ++i) {
+    const int64_t pos = t * 256 + 16 * i;
+    v_storeu_ps(out + pos, load_values(codes, pos, 16, lane(sc, (int)i), w, wj, hoff));
+  }
+}
+
 /* PackedTensor.unpack of dsq_bfp_pack's output (same layout rules, same wj) into fp32 out. */
 void dsq_bfp_unpack(const uint8_t* codes, const int8_t* exps, float* out, int64_t P, int64_t n,
                     int64_t Q, int64_t B, int w, int wj, int64_t hoff, int nthreads) {
@@ -576,14 +624,9 @@ void dsq_bfp_unpack(const uint8_t* codes, const int8_t* exps, float* out, int64_
       const int64_t p = t / nb, s = (t - p * nb) * B;
       const int64_t len = n - s < B ? n - s : B;
       for (int64_t c = 0; c < Q; c += 16) {
-        const int64_t r = Q - c < 16 ? Q - c : 16;
-        const vmask m = lane_mask(r);
-        const vf scale =
-            pow2_scale(v_cvtepi8_epi32(b_maskz_loadu_epi8(m, exps + t * Q + c)), w - 2);
-        for (int64_t i = 0; i < len; ++i) {
-          const int64_t pos = (p * n + s + i) * Q + c;
-          v_mask_storeu_ps(out + pos, m, load_values(codes, pos, r, scale, w, wj, hoff));
-        }
+#define DSQ_TILE(W, WJ) unpack_cols_tile(codes, exps, out, p * n + s, len, Q, c, t, W, WJ, hoff)
+        DSQ_BY_LAYOUT(w, wj, DSQ_TILE);
+#undef DSQ_TILE
       }
     }
     return;
@@ -593,14 +636,9 @@ void dsq_bfp_unpack(const uint8_t* codes, const int8_t* exps, float* out, int64_
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nblocks * 16 > PAR_MIN)
     for (int64_t t = 0; t < (nblocks + 15) / 16; ++t) {
       const int64_t nblk = t < ntiles ? 16 : nblocks - 16 * ntiles;
-      float sc[16];
-      v_storeu_ps(
-          sc,
-          pow2_scale(v_cvtepi8_epi32(b_maskz_loadu_epi8(lane_mask(nblk), exps + 16 * t)), w - 2));
-      for (int64_t i = 0; i < nblk; ++i) {
-        const int64_t pos = t * 256 + 16 * i;
-        v_storeu_ps(out + pos, load_values(codes, pos, 16, lane(sc, (int)i), w, wj, hoff));
-      }
+#define DSQ_TILE(W, WJ) unpack_rows16_tile(codes, exps, out, t, nblk, W, WJ, hoff)
+      DSQ_BY_LAYOUT(w, wj, DSQ_TILE);
+#undef DSQ_TILE
     }
     return;
   }
