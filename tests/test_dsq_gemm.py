@@ -266,8 +266,12 @@ def test_matmul_reads_attention_head_views_in_place(level, d):
     _, g_q, g_kt = ref_matmul(qc, kc.transpose(1, 2).contiguous(), g_w + g_w_total)
     want = [w_ref, o_ref.transpose(0, 1), g_q.transpose(0, 1), g_kt.permute(2, 0, 1),
             g_v.transpose(0, 1)]
+    # the reference's GEMMs run on contiguous copies, the DSQ ones on views: BLAS may pick other
+    # kernels for other layouts (seen with MKL on AMD Zen 3) and round a last bit differently,
+    # which BFP turns into one quantization step where it lands on a rounding tie. Allow one
+    # step of the widest format (16 bits: 2^-14 of a block maximum, at most the tensor's).
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=max(1e-5, 2.0**-14 * b.abs().max().item()))
 
 
 def test_linears_reading_one_input_share_its_q0_inside_a_block(monkeypatch):

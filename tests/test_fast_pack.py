@@ -19,7 +19,7 @@ def _fast_on(request, monkeypatch):
     fast.set_enabled(True)
     monkeypatch.setattr(native, "_enabled", request.param == "native")
     if request.param == "native" and not native.available(torch.ones(1)):
-        pytest.skip("native CPU kernels not available here (no AVX-512 or no C compiler)")
+        pytest.skip("native CPU kernels not available here (no AVX-512/AVX2 or no C compiler)")
     monkeypatch.setattr(fast_pack, "UNPACK_MIN_NUMEL", 0)  # the compiled unpack at any size
     yield
     fast.set_enabled(was)

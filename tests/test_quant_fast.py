@@ -27,12 +27,13 @@ INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float
 @pytest.fixture(autouse=True, params=["native", "compiled"])
 def _fast_on(request, monkeypatch):
     """Every test twice: with the native CPU kernels (:mod:`.native`, where this CPU has them)
-    and with the ``torch.compile`` paths alone (the CUDA path, and CPUs without AVX-512)."""
+    and with the ``torch.compile`` paths alone (the CUDA path, and CPUs with neither AVX-512
+    nor AVX2)."""
     was = fast.enabled()
     fast.set_enabled(True)
     monkeypatch.setattr(native, "_enabled", request.param == "native")
     if request.param == "native" and not native.available(torch.ones(1)):
-        pytest.skip("native CPU kernels not available here (no AVX-512 or no C compiler)")
+        pytest.skip("native CPU kernels not available here (no AVX-512/AVX2 or no C compiler)")
     yield request.param
     fast.set_enabled(was)
 

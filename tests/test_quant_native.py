@@ -6,6 +6,11 @@ payloads, +-inf, subnormals, -0 and all-zero blocks."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from test_quant_fast import assert_bits, nasty
@@ -18,7 +23,8 @@ from dsq_fairseq.quant.packing import PackedTensor, _blocked_view, pack
 from dsq_fairseq.quant.rounding import uniform_like
 
 pytestmark = pytest.mark.skipif(
-    not native.available(torch.ones(1)), reason="native CPU kernels need AVX-512 and a C compiler"
+    not native.available(torch.ones(1)),
+    reason="native CPU kernels need AVX-512 or AVX2 and a C compiler",
 )
 
 # (shape, dim, block): rows of 16 (whole tiles of 16 blocks, plus a partial tile), rows with a
@@ -309,3 +315,29 @@ def test_one_step_and_two_step_scaling_tiles_are_bit_identical(width):
             _, (codes, _) = native.bfp_pair(x, width, w_outer, 8, pack_outer=True)
             assert torch.equal(codes, pack(ref.bfp_quantize(x, w_outer, 8, 16, 0), "bfp",
                                            w_outer, dim=0).codes)
+
+
+def test_built_for_one_of_the_two_instruction_sets(monkeypatch):
+    assert native.isa() in ("avx512", "avx2")
+    monkeypatch.setenv("DSQ_NATIVE_ISA", "avx2")
+    assert native._flags()[-1] == "-mno-avx512f"  # another build, another cache entry
+    monkeypatch.delenv("DSQ_NATIVE_ISA")
+    assert "-mno-avx512f" not in native._flags() and "-ffp-contract=off" in native._flags()
+
+
+@pytest.mark.skipif(native.isa() != "avx512",
+                    reason="this CPU builds the AVX2 kernels already: the tests above ran them")
+def test_avx2_kernels_on_an_avx512_cpu(tmp_path):
+    """Every test of this file again with the AVX2 layer of native_simd.h (DSQ_NATIVE_ISA=avx2),
+    so an AVX-512 machine checks both instruction sets bit for bit."""
+    env = dict(os.environ, DSQ_NATIVE_ISA="avx2", DSQ_NATIVE_CACHE=str(tmp_path))
+    here = Path(__file__)
+    probe = subprocess.run(
+        [sys.executable, "-c", "from dsq_fairseq.quant import native; print(native.isa())"],
+        env=env, capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "avx2"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here),
+         "-k", "not avx2_kernels_on"], env=env, cwd=str(here.parent.parent),
+        capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

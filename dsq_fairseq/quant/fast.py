@@ -31,8 +31,8 @@ Differences from the references that do not change any value:
   references compute in fp32 too): the graphs are fp32-only;
 * stochastic rounding draws the reference's key (:func:`.rounding.draw_key`) and its ``u``
   (:func:`.rounding.uniform_like`, indexed in ``x``'s layout) eagerly, and passes a blocked
-  view of ``u`` into the compiled function; on CPU with AVX-512 the native BFP kernel computes
-  the same ``u`` in registers from the key instead (no tensor of random numbers).
+  view of ``u`` into the compiled function; on CPU with AVX-512 or AVX2 the native BFP kernel
+  computes the same ``u`` in registers from the key instead (no tensor of random numbers).
 
 fp64, empty tensors and ``width == 32`` go to the reference functions. Any failure of
 ``torch.compile`` (no compiler, unsupported backend) disables the fast path for that variant with
@@ -493,7 +493,7 @@ def bfp_quantize(
         return x
     xd = _fp32(x)
     stochastic = rounding == "stochastic"
-    if not stochastic and native.available(xd):  # CPU, AVX-512: one C kernel (.native)
+    if not stochastic and native.available(xd):  # CPU, AVX-512 or AVX2: one C kernel (.native)
         out = native.bfp_quantize(xd, width, exponent_bits, block_size, dim)
         return out.view(x.shape).to(x.dtype)
     p, n, q = _pnq(xd.shape, dim)

@@ -23,8 +23,8 @@ and the tail are reduced in place (:func:`.fast._tail_split`) and the elementwis
 the block's factor per element (:func:`.fast._per_element`), so no padded copy is made. Codes,
 exponents and unpacked values are bit-identical to the reference's (``tests/test_fast_pack.py``).
 
-On a CPU with AVX-512 both functions hand the work to the C kernels of :mod:`.native` instead,
-which also take width 16 (the stream's low bytes, then its high bytes, as
+On a CPU with AVX-512 or AVX2 both functions hand the work to the C kernels of :mod:`.native`
+instead, which also take width 16 (the stream's low bytes, then its high bytes, as
 :func:`.packing.pack_bits` lays them out): the output projection's ``Q0(x)`` kept for
 recomputing the logits (:mod:`dsq_fairseq.nn.logits`) is packed at q0 bits.
 """
