@@ -23,7 +23,8 @@ through the eager ops, ``inf`` and subnormals follow the references' rules
 Build: on first use, ``$CC`` (default ``cc``) ``-O3 -march=native -fopenmp -ffp-contract=off
 -shared`` into ``$DSQ_NATIVE_CACHE`` (default ``$XDG_CACHE_HOME/dsq_fairseq`` or
 ``~/.cache/dsq_fairseq``), one library per source, header, compiler, flags and CPU (its
-``/proc/cpuinfo`` flags), written atomically; ~0.3 s. No compiler, a failed build, a CPU with
+``/proc/cpuinfo`` flags), written atomically; ~5 s (every helper is inlined into every
+kernel). No compiler, a failed build, a CPU with
 neither AVX-512 nor AVX2, ``DSQ_NATIVE=0`` or :func:`.fast.set_enabled(False)` leave
 :func:`available` false and the callers on the ``torch.compile`` paths. Threads:
 ``torch.get_num_threads()`` (OpenMP, serial below 32768 elements).
@@ -47,8 +48,8 @@ from torch import Tensor
 from ._blocks import pnq as _pnq
 
 __all__ = ["available", "available_for", "bfp_pack", "bfp_quantize", "bfp_unpack", "isa",
-           "set_enabled",
-           "bfp_pair", "mask_apply", "mask_pack", "supports_pack", "supports_pair", "uniform"]
+           "set_enabled", "bfp_pair", "mask_apply", "mask_pack", "supports_pack",
+           "supports_pair", "uniform"]
 
 _SOURCE = Path(__file__).with_name("native_kernels.c")
 _HEADERS = (Path(__file__).with_name("native_simd.h"),)

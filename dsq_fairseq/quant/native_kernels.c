@@ -145,7 +145,7 @@ DSQ_INLINE vf quantize_sr(vf x, vf up_a, vf up_b, vf down_a, vf down_b, vf qmax,
 
 /* quantize() (r == 0) or quantize_sr() with the u of flat indices idx .. idx + 15. */
 DSQ_INLINE vf quantize_at(vf x, vf up_a, vf up_b, vf down_a, vf down_b, vf qmax, const rng_t* r,
-                             int64_t idx) {
+                          int64_t idx) {
   if (r) return quantize_sr(x, up_a, up_b, down_a, down_b, qmax, uniform16(r, idx));
   return quantize(x, up_a, up_b, down_a, down_b, qmax);
 }
@@ -404,7 +404,7 @@ DSQ_INLINE vmask byte_mask(int64_t ncodes, int w) { return lane_mask(ncodes * w 
 /* The codes of up to 16 integers k = scaled_int(x) (ncodes, a multiple of 8 / w) stored at
  * stream position pos. */
 DSQ_INLINE void store_codes_k(uint8_t* codes, int64_t pos, int64_t ncodes, vf k, int w, int wj,
-                                 int64_t hoff) {
+                              int64_t hoff) {
   const vi mag_k = v_abs_epi32(v_cvtps_epi32(k));
   const vi sign = v_srli_epi32(v_castps_si512(k), 31);
   const vi c32 = v_or_si512(mag_k, v_slli_epi32(sign, w - 1));
@@ -420,13 +420,13 @@ DSQ_INLINE void store_codes_k(uint8_t* codes, int64_t pos, int64_t ncodes, vf k,
 
 /* The codes of up to 16 elements of x (scaled_int with the halves). */
 DSQ_INLINE void store_codes(uint8_t* codes, int64_t pos, int64_t ncodes, vf x, vf up_a, vf up_b,
-                               vf qmax, int w, int wj, int64_t hoff) {
+                            vf qmax, int w, int wj, int64_t hoff) {
   store_codes_k(codes, pos, ncodes, scaled_int(x, up_a, up_b, qmax), w, wj, hoff);
 }
 
 /* fp32 +-|k| * scale of up to 16 codes at stream position pos (ncodes a multiple of 8 / w). */
 DSQ_INLINE vf load_values(const uint8_t* codes, int64_t pos, int64_t ncodes, vf scale, int w,
-                             int wj, int64_t hoff) {
+                          int wj, int64_t hoff) {
   vi c;
   if (wj == 16) {
     const vmask m = lane_mask(ncodes);
@@ -568,25 +568,25 @@ int dsq_bfp_pack(const float* x, uint8_t* codes, int8_t* exps, int64_t P, int64_
 
 /* CALL(w, wj) with compile-time constants for the common layouts (wj == w: 2, 4, 8, 16), else
  * with the runtime values: inlined per-tile bodies then fold their code-layout branches. */
-#define DSQ_BY_LAYOUT(w, wj, CALL)                 \
-  do {                                             \
-    if ((w) == 4 && (wj) == 4)                     \
-      CALL(4, 4);                                  \
-    else if ((w) == 2 && (wj) == 2)                \
-      CALL(2, 2);                                  \
-    else if ((w) == 8 && (wj) == 8)                \
-      CALL(8, 8);                                  \
-    else if ((w) == 16)                            \
-      CALL(16, 16);                                \
-    else                                           \
-      CALL(w, wj);                                 \
+#define DSQ_BY_LAYOUT(w, wj, CALL)  \
+  do {                              \
+    if ((w) == 4 && (wj) == 4)      \
+      CALL(4, 4);                   \
+    else if ((w) == 2 && (wj) == 2) \
+      CALL(2, 2);                   \
+    else if ((w) == 8 && (wj) == 8) \
+      CALL(8, 8);                   \
+    else if ((w) == 16)             \
+      CALL(16, 16);                 \
+    else                            \
+      CALL(w, wj);                  \
   } while (0)
 
 /* dsq_bfp_unpack's tiles: a column block t (rows row0 .. row0 + len, lanes c .. c + 15 of Q),
  * and 16 row blocks of 16 from t * 256 (nblk of them). */
-DSQ_INLINE void unpack_cols_tile(const uint8_t* codes, const int8_t* exps, float* out,
-                                 int64_t row0, int64_t len, int64_t Q, int64_t c, int64_t t,
-                                 int w, int wj, int64_t hoff) {
+DSQ_INLINE void unpack_cols_tile(const uint8_t* codes, const int8_t* exps, float* out, int64_t row0,
+                                 int64_t len, int64_t Q, int64_t c, int64_t t, int w, int wj,
+                                 int64_t hoff) {
   const int64_t r = Q - c < 16 ? Q - c : 16;
   const vmask m = lane_mask(r);
   const vf scale = pow2_scale(v_cvtepi8_epi32(b_maskz_loadu_epi8(m, exps + t * Q + c)), w - 2);
@@ -603,8 +603,8 @@ DSQ_INLINE void unpack_cols_tile(const uint8_t* codes, const int8_t* exps, float
   }
 }
 
-DSQ_INLINE void unpack_rows16_tile(const uint8_t* codes, const int8_t* exps, float* out,
-                                   int64_t t, int64_t nblk, int w, int wj, int64_t hoff) {
+DSQ_INLINE void unpack_rows16_tile(const uint8_t* codes, const int8_t* exps, float* out, int64_t t,
+                                   int64_t nblk, int w, int wj, int64_t hoff) {
   float sc[16];
   v_storeu_ps(
       sc, pow2_scale(v_cvtepi8_epi32(b_maskz_loadu_epi8(lane_mask(nblk), exps + 16 * t)), w - 2));
@@ -685,10 +685,9 @@ void dsq_codes_split(const uint8_t* in, uint8_t* c8, int64_t n, int w, int nthre
  * the packed width wc (codes_c); each call site with a constant pk gets its own inlined copy
  * with the code-layout branches folded. Returns nonzero when packing met a NaN or
  * inf. */
-DSQ_INLINE int pair_tile(
-    const float* x, float* out_r, float* out_c, uint8_t* codes_c, int8_t* exps_c, int64_t hoff,
-    int64_t row0, int64_t len, int64_t Q, int64_t c, int64_t t, int wr, int wc, const int pk,
-    int emax) {
+DSQ_INLINE int pair_tile(const float* x, float* out_r, float* out_c, uint8_t* codes_c,
+                         int8_t* exps_c, int64_t hoff, int64_t row0, int64_t len, int64_t Q,
+                         int64_t c, int64_t t, int wr, int wc, const int pk, int emax) {
   const vf qmax_r = v_set1_ps((float)((1 << (wr - 1)) - 1));
   const vf qmax_c = v_set1_ps((float)((1 << (wc - 1)) - 1));
   const float* xb = x + row0 * Q + c;
@@ -758,11 +757,21 @@ int dsq_bfp_pair(const float* x, float* out_r, float* out_c, uint8_t* codes_c, i
 #define DSQ_PAIR_TILE(k) \
   pair_tile(x, out_r, out_c, codes_c, exps_c, hoff, row0, len, Q, c, t, wr, wc, k, emax)
       switch (pk) { /* one specialised copy per code layout */
-        case 0: bad |= DSQ_PAIR_TILE(0); break;
-        case 2: bad |= DSQ_PAIR_TILE(2); break;
-        case 4: bad |= DSQ_PAIR_TILE(4); break;
-        case 8: bad |= DSQ_PAIR_TILE(8); break;
-        default: bad |= DSQ_PAIR_TILE(16); break; /* packing widths: 2, 4, 8, 16 */
+        case 0:
+          bad |= DSQ_PAIR_TILE(0);
+          break;
+        case 2:
+          bad |= DSQ_PAIR_TILE(2);
+          break;
+        case 4:
+          bad |= DSQ_PAIR_TILE(4);
+          break;
+        case 8:
+          bad |= DSQ_PAIR_TILE(8);
+          break;
+        default:
+          bad |= DSQ_PAIR_TILE(16);
+          break; /* packing widths: 2, 4, 8, 16 */
       }
 #undef DSQ_PAIR_TILE
     }
