@@ -153,11 +153,6 @@ DSQ_INLINE vf quantize_at(vf x, vf up_a, vf up_b, vf down_a, vf down_b, vf qmax,
 /* NaN-free |x| (NaN -> 0: max returns its second operand for a NaN first one). */
 DSQ_INLINE vf mag(vf v) { return v_max_ps(v_abs_ps(v), v_setzero_ps()); }
 
-/* Lanes that hold NaN or +-inf. */
-DSQ_INLINE vmask nonfinite(vf v) {
-  return v_cmp_ps_mask(v_abs_ps(v), v_set1_ps(3.40282347e38f), _CMP_NLE_UQ);
-}
-
 /* The NaN/inf check of many vectors, one integer max each: |v|'s bits as int32 order as |v| for
  * finite values and are >= 0x7F800000 exactly for inf and NaN; any_nonfinite() of the running
  * max (start: v_setzero_si512()) says whether one of them held either. */
@@ -214,11 +209,13 @@ DSQ_INLINE vf max16x16(const float* xb) {
  * is NaN/inf (*bad). */
 DSQ_INLINE vf block_max(const float* xb, int64_t len, int* bad) {
   vf acc = v_setzero_ps();
+  vi nf = v_setzero_si512();
   for (int64_t c = 0; c < len; c += 16) {
     const vf v = v_maskz_loadu_ps(lane_mask(len - c), xb + c);
-    if (bad) *bad |= nonfinite(v) != 0;
+    nf = bits_max(nf, v);
     acc = v_max_ps(mag(v), acc);
   }
+  if (bad) *bad |= any_nonfinite(nf);
   return v_set1_ps(v_reduce_max_ps(acc));
 }
 
