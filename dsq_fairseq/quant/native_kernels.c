@@ -751,26 +751,13 @@ int dsq_bfp_pair(const float* x, float* out_r, float* out_c, uint8_t* codes_c, i
     const int64_t p = t / nb, s = (t - p * nb) * 16;
     const int64_t len = n - s < 16 ? n - s : 16, row0 = p * n + s;
     for (int64_t c = 0; c < Q; c += 16) {
-#define DSQ_PAIR_TILE(k) \
-  pair_tile(x, out_r, out_c, codes_c, exps_c, hoff, row0, len, Q, c, t, wr, wc, k, emax)
-      switch (pk) { /* one specialised copy per code layout */
-        case 0:
-          bad |= DSQ_PAIR_TILE(0);
-          break;
-        case 2:
-          bad |= DSQ_PAIR_TILE(2);
-          break;
-        case 4:
-          bad |= DSQ_PAIR_TILE(4);
-          break;
-        case 8:
-          bad |= DSQ_PAIR_TILE(8);
-          break;
-        default:
-          bad |= DSQ_PAIR_TILE(16);
-          break; /* packing widths: 2, 4, 8, 16 */
-      }
-#undef DSQ_PAIR_TILE
+#define DSQ_TILE(W, WJ) \
+  bad |= pair_tile(x, out_r, out_c, codes_c, exps_c, hoff, row0, len, Q, c, t, wr, wc, W, emax)
+      if (pk)
+        DSQ_BY_LAYOUT(pk, pk, DSQ_TILE); /* one inlined copy per packed width */
+      else
+        DSQ_TILE(0, 0);
+#undef DSQ_TILE
     }
   }
   return !bad;
